@@ -1,0 +1,227 @@
+"""campaign: the Go-compatible election recipe for one session (lease).
+
+1. ``If(create_revision(key) == 0) Then Put(key, identity, lease) Else Get(key)`` with
+   ``key = <election>/<lease hex>`` — the same key Go's ``concurrency.Election`` uses.
+2. Get the newest candidate older than us; watch *that one key* for DELETE from the Get's
+   revision; repeat until nobody older is left (no thundering herd).
+3. Confirm in one read that our key exists, carries our lease and that no older candidate is
+   left; only then emit ``Elected`` (Go's Campaign skips this and reports phantom leaders).
+
+Only keys ``<election>/<lower-case hex>`` count as candidates, so a nested election
+``<election>/x`` never blocks this one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from etcd3 import etcdrpc
+from etcd3.etcdrpc import kv_pb2
+
+from electfsm.backoff import Backoff
+from electfsm.config import ElectorConfig
+from electfsm.errors import EtcdError, LeaseNotFound
+from electfsm.etcd import EtcdClient, Watch, prefix_end
+from electfsm.events import Elected, ErrorReported, Event
+
+log = logging.getLogger("electfsm.campaign")
+
+_CANDIDATE = re.compile(rb"^[0-9a-f]+$")
+
+
+def is_candidate_key(prefix: bytes, key: bytes) -> bool:
+    """True for ``<prefix><lease hex>``: a candidate of this election, not of a nested one."""
+    return key.startswith(prefix) and bool(_CANDIDATE.match(key[len(prefix):]))
+
+
+def candidate_key(prefix: str, lease: int) -> str:
+    return f"{prefix}{lease:x}"
+
+
+def compare_create(key: bytes, revision: int) -> Any:
+    return etcdrpc.Compare(key=key, target=etcdrpc.Compare.CREATE,
+                           result=etcdrpc.Compare.EQUAL, create_revision=revision)
+
+
+def op_range(key: bytes, range_end: bytes = b"", **fields: Any) -> Any:
+    return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key, range_end=range_end,
+                                                                **fields))
+
+
+class _KeyGone(Exception):
+    """Our key vanished under us; campaign again from the transaction."""
+
+
+class Campaign:
+    """Runs the recipe for one lease in its own thread; commands come from the dispatcher."""
+
+    def __init__(self, client: EtcdClient, config: ElectorConfig, generation: int, lease: int,
+                 emit: Callable[[Event], None]) -> None:
+        self._client = client
+        self._config = config
+        self._generation = generation
+        self._lease = lease
+        self._emit = emit
+        self._prefix = config.prefix.encode()
+        self._end = prefix_end(self._prefix)
+        self.key = candidate_key(config.prefix, lease).encode()
+        self._cond = threading.Condition()
+        self._want = True
+        self._resign: int | None = None
+        self._cancelled = False
+        self._watch: Watch | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"electfsm-campaign[{config.election}:{lease:x}]")
+
+    # ------------------------------------------------------------------ commands
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def cancel(self) -> None:
+        self._command(cancel=True)
+
+    def recampaign(self) -> None:
+        self._command()
+
+    def resign(self, create_revision: int) -> None:
+        """Delete our key if it is still the incarnation ``create_revision``, then campaign."""
+        self._command(resign=create_revision)
+
+    def _command(self, *, cancel: bool = False, resign: int | None = None) -> None:
+        with self._cond:
+            self._cancelled = self._cancelled or cancel
+            self._want = True
+            if resign is not None:
+                self._resign = resign
+            watch = self._watch
+            self._cond.notify_all()
+        if watch is not None:
+            watch.cancel()
+
+    # ------------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        backoff = Backoff(self._config.backoff_max)
+        while True:
+            with self._cond:
+                while not self._want and not self._cancelled:
+                    self._cond.wait()
+                if self._cancelled:
+                    return
+                self._want = False
+                resign, self._resign = self._resign, None
+            try:
+                if resign is not None:
+                    self._delete_if(resign)
+                self._campaign()
+                backoff.reset()
+            except LeaseNotFound:
+                return  # session-watch sees the loss too and starts a new session
+            except _KeyGone:
+                with self._cond:
+                    self._want = True
+            except EtcdError as exc:
+                if self._cancelled:
+                    return
+                log.info("%s: campaign step failed, retrying: %s", self._config.election, exc)
+                self._emit(ErrorReported(error=exc, where="campaign"))
+                with self._cond:
+                    self._want = True
+                    self._cond.wait(backoff.next())
+
+    def _delete_if(self, create_revision: int) -> None:
+        self._client.txn([compare_create(self.key, create_revision)],
+                         [etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(
+                             key=self.key))], what=f"resign {self.key!r}")
+
+    def _campaign(self) -> None:
+        value = self._config.identity
+        resp = self._client.txn(
+            [compare_create(self.key, 0)],
+            [etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=self.key, value=value,
+                                                              lease=self._lease))],
+            [op_range(self.key)],
+            what=f"campaign with {self.key!r}",
+        )
+        if resp.succeeded:
+            revision = int(resp.header.revision)
+        else:
+            kvs = resp.responses[0].response_range.kvs
+            if not kvs:
+                raise _KeyGone()
+            revision = int(kvs[0].create_revision)
+            if kvs[0].value != value:  # same lease campaigning again: proclaim our identity
+                self._client.txn([compare_create(self.key, revision)],
+                                 [etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(
+                                     key=self.key, value=value, lease=self._lease))],
+                                 what=f"proclaim {self.key!r}")
+        log.debug("%s: candidate key %r at revision %d", self._config.election, self.key,
+                  revision)
+        while not self._cancelled:
+            predecessor, at = self._predecessor(revision)
+            if predecessor is None:
+                confirmed = self._confirm(revision)
+                if confirmed is not None:
+                    self._emit(Elected(generation=self._generation, key=self.key.decode(),
+                                       create_revision=revision, revision=confirmed))
+                    return
+                continue
+            self._wait_delete(predecessor, at + 1)
+            with self._cond:
+                if self._want:  # a command arrived while we waited: obey it first
+                    return
+
+    def _predecessor(self, revision: int) -> tuple[bytes | None, int]:
+        """The newest candidate older than ``revision``, and the revision of that read."""
+        resp = self._client.range(self._prefix, self._end, max_create_revision=revision - 1,
+                                  sort_target="CREATE", sort_order="DESCEND", limit=1,
+                                  keys_only=True)
+        if resp.kvs and is_candidate_key(self._prefix, resp.kvs[0].key):
+            return bytes(resp.kvs[0].key), int(resp.header.revision)
+        if not resp.kvs:
+            return None, int(resp.header.revision)
+        # A nested election's key came first; look past it at every older key.
+        resp = self._client.range(self._prefix, self._end, max_create_revision=revision - 1,
+                                  sort_target="CREATE", sort_order="DESCEND", keys_only=True)
+        for kv in resp.kvs:
+            if is_candidate_key(self._prefix, kv.key):
+                return bytes(kv.key), int(resp.header.revision)
+        return None, int(resp.header.revision)
+
+    def _confirm(self, revision: int) -> int | None:
+        """One read: our key is there, holds our lease, and nobody older is left."""
+        resp = self._client.txn([], [
+            op_range(self.key),
+            op_range(self._prefix, self._end, max_create_revision=revision - 1, keys_only=True),
+        ], what=f"confirm {self.key!r} leads")
+        ours = resp.responses[0].response_range.kvs
+        if not ours or ours[0].create_revision != revision or ours[0].lease != self._lease:
+            log.info("%s: our key %r is gone or changed while campaigning; not leader",
+                     self._config.election, self.key)
+            raise _KeyGone()
+        older = [kv for kv in resp.responses[1].response_range.kvs
+                 if is_candidate_key(self._prefix, kv.key)]
+        return None if older else int(resp.header.revision)
+
+    def _wait_delete(self, key: bytes, start_revision: int) -> None:
+        watch = self._client.watch(key, start_revision=start_revision, no_put=True)
+        with self._cond:
+            if self._cancelled or self._want:
+                watch.cancel()
+                return
+            self._watch = watch
+        try:
+            for resp in watch:
+                if any(ev.type == kv_pb2.Event.DELETE for ev in resp.events):
+                    return
+        finally:
+            watch.cancel()
+            with self._cond:
+                self._watch = None

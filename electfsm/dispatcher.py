@@ -1,0 +1,297 @@
+"""The dispatcher: the one place events become transitions and hooks run.
+
+:class:`Dispatcher` holds the ``transitions`` machine and applies one event at a time. It
+owns no thread and does no I/O: :class:`electfsm.Elector` calls :meth:`Dispatcher.apply`
+from its dispatcher thread, and :class:`electfsm.testing.Harness` calls it directly with a
+virtual clock. What the machine needs done in etcd it asks of an :class:`Effects`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+
+from electfsm.errors import HookError
+from electfsm.hooks import Hooks
+from electfsm.events import (
+    Deposed,
+    Elected,
+    ErrorReported,
+    Event,
+    LeaderInfo,
+    LeaderSeen,
+    Resign,
+    SessionLost,
+    SessionUp,
+    Stop,
+)
+from electfsm.machine import STATES, State, build_machine
+from electfsm.term import Term
+
+log = logging.getLogger("electfsm")
+
+class Effects(Protocol):
+    """What the machine asks of the outside world. Calls must return quickly."""
+
+    def recampaign(self, generation: int) -> None:
+        """Our key is gone or not first: campaign again in this session."""
+
+    def resign(self, generation: int, key: str, create_revision: int) -> None:
+        """Delete our key if it is still this incarnation, then campaign again at the back."""
+
+    def deadline(self, generation: int) -> float:
+        """The local deadline (``safe_until``) of that session's lease."""
+
+    def bind_term(self, term: Term) -> None:
+        """Set ``term.cancelled`` the moment the term's lease is lost, even mid-hook."""
+
+    def start_work(self, work: Callable[[Term], Any], term: Term) -> None:
+        """Run ``work(term)`` for a ``run_while_leader`` registration."""
+
+    def shutdown(self) -> None:
+        """The machine has stopped: end the session and every thread."""
+
+
+@attrs.frozen(kw_only=True)
+class Change:
+    """Passed to ``on_enter_<state>``/``on_exit_<state>`` hooks of states other than leader."""
+
+    source: State
+    dest: State
+    trigger: str
+    reason: str = ""
+
+
+class _Model:
+    """The object ``transitions`` binds triggers to; only the dispatcher holds it."""
+
+    fsm_state: State
+
+
+class Dispatcher:
+    """Applies events to the machine, one at a time, and runs the hooks."""
+
+    def __init__(self, *, election: str, value: bytes, hooks: Hooks, effects: Effects,
+                 clock: Callable[[], float]) -> None:
+        self.election = election
+        self.prefix = election + "/"
+        self.value = value
+        self.identity = value.decode("utf-8", "backslashreplace")
+        self.hooks = hooks
+        self.effects = effects
+        self.clock = clock
+        self.generation: int | None = None
+        self.lease = 0
+        self.ttl = 0
+        self.term: Term | None = None
+        self.observed: LeaderInfo | None = None
+        self.observed_revision = 0
+        self.stopped = False
+        self.transitions = 0
+        self._reported: LeaderInfo | None = None
+        self._pending: Term | None = None
+        self._reason = ""
+        self._elected_revision = 0
+        self._model = _Model()
+        self._machine = build_machine(self._model)
+        for state in STATES:
+            st = self._machine.get_state(state)
+            st.add_callback("enter", self._on_enter)
+            st.add_callback("exit", self._on_exit)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def state(self) -> State:
+        return self._model.fsm_state
+
+    @property
+    def our_key(self) -> str | None:
+        return f"{self.prefix}{self.lease:x}" if self.generation is not None and self.lease else None
+
+    @property
+    def leader(self) -> LeaderInfo | None:
+        """Who leads as far as this node can tell; never an unconfirmed "us"."""
+        state = self.state
+        if state == "leader" and self.term is not None:
+            return self.term.info
+        if state == "disconnected":
+            return None
+        if self.observed is not None and self.observed.key == self.our_key:
+            return None
+        return self.observed
+
+    # ------------------------------------------------------------------ events
+    def apply(self, event: Event) -> None:
+        """Apply one event. Never raises for a hook's error; drops stale and late events."""
+        if self.stopped:
+            log.debug("%s: stopped, dropping %r", self.election, event)
+            return
+        if isinstance(event, SessionUp):
+            self._session_up(event)
+        elif isinstance(event, SessionLost):
+            if self._current(event.generation, event):
+                self._fire("session_lost", event.reason)
+        elif isinstance(event, Elected):
+            self._elected(event)
+        elif isinstance(event, LeaderSeen):
+            self._leader_seen(event)
+        elif isinstance(event, Deposed):
+            if self._current(event.generation, event) and self.state == "leader":
+                self._depose(event.reason)
+        elif isinstance(event, Resign):
+            self._resign()
+        elif isinstance(event, Stop):
+            self._fire("stop", "stop() called")
+            self.stopped = True
+            self.effects.shutdown()
+        elif isinstance(event, ErrorReported):
+            self._report(event.error, event.where)
+        self._announce_leader()
+
+    def _current(self, generation: int | None, event: Event) -> bool:
+        if generation is None or generation != self.generation:
+            log.debug("%s: dropping stale %r (session %s)", self.election, event, self.generation)
+            return False
+        return True
+
+    def _session_up(self, event: SessionUp) -> None:
+        if self.state != "disconnected" or event.generation is None:
+            log.warning("%s: session_up while %s; ignored", self.election, self.state)
+            return
+        self.generation, self.lease, self.ttl = event.generation, event.lease, event.ttl
+        self._fire("session_up", f"lease {event.lease:x} granted, ttl {event.ttl}s")
+        self._follow_observed()
+
+    def _elected(self, event: Elected) -> None:
+        if not self._current(event.generation, event) or self.state not in ("candidate",
+                                                                            "follower"):
+            return
+        assert self.generation is not None
+        seen = self.observed
+        if self.observed_revision > event.revision and (
+            seen is None or seen.key != event.key or seen.create_revision != event.create_revision
+        ):
+            # observe saw a newer world in which our key is not first: the confirmation is stale.
+            log.info("%s: elected at rev %d but rev %d shows %s leading; campaigning again",
+                     self.election, event.revision, self.observed_revision,
+                     seen.identity if seen else "nobody")
+            self.effects.recampaign(self.generation)
+            return
+        generation = self.generation
+        self._pending = Term(
+            election=self.election, identity=self.identity, value=self.value, key=event.key,
+            token=event.create_revision, lease=self.lease, generation=generation,
+            deadline_fn=lambda: self.effects.deadline(generation), clock=self.clock,
+        )
+        self._elected_revision = event.revision
+        self._fire("elected", f"key {event.key} confirmed first at revision {event.revision}")
+
+    def _leader_seen(self, event: LeaderSeen) -> None:
+        if event.revision < self.observed_revision:
+            return
+        self.observed, self.observed_revision = event.leader, event.revision
+        if self.state == "leader" and self.term is not None:
+            if event.revision > self._elected_revision and (
+                event.leader is None or event.leader.key != self.term.key
+                or event.leader.create_revision != self.term.token
+            ):
+                who = event.leader.identity if event.leader else "nobody"
+                self._depose(f"at revision {event.revision} {who} leads, not us")
+            return
+        self._follow_observed()
+
+    def _follow_observed(self) -> None:
+        """Move between candidate and follower to match what observe last saw."""
+        other = self.leader
+        if self.state == "candidate" and other is not None:
+            self._fire("leader_seen", f"{other.identity} leads")
+        elif self.state == "follower":
+            if other is None:
+                self._fire("leader_gone", "nobody else leads")
+            elif self._reported is None or other.key != self._reported.key:
+                self._fire("leader_seen", f"{other.identity} leads")
+
+    def _depose(self, reason: str) -> None:
+        generation = self.generation
+        self._fire("deposed", reason)
+        if generation is not None:
+            self.effects.recampaign(generation)
+        self._follow_observed()
+
+    def _resign(self) -> None:
+        if self.state != "leader" or self.term is None or self.generation is None:
+            log.info("%s: resign() while %s: nothing to resign", self.election, self.state)
+            return
+        key, token, generation = self.term.key, self.term.token, self.generation
+        self._fire("resign", "resign() called")
+        self.effects.resign(generation, key, token)
+        self._follow_observed()
+
+    # ------------------------------------------------------------------ machine plumbing
+    def _fire(self, trigger: str, reason: str) -> None:
+        self._reason = reason
+        before = self.state
+        if self._model.trigger(trigger):  # type: ignore[attr-defined]
+            self.transitions += 1
+            log.info("%s: %s --%s--> %s (%s)", self.election, before, trigger, self.state, reason)
+
+    def _on_enter(self, event: Any) -> None:
+        dest: State = event.transition.dest
+        if dest == "leader":
+            self.term, self._pending = self._pending, None
+            assert self.term is not None
+            self.effects.bind_term(self.term)
+            self._run_hooks("enter_leader", self.term)
+            for work in self.hooks.work:
+                self.effects.start_work(work, self.term)
+        else:
+            self._run_hooks(f"enter_{dest}", self._change(event))
+
+    def _on_exit(self, event: Any) -> None:
+        source: State = event.transition.source
+        if source == "leader" and self.term is not None:
+            term, self.term = self.term, None
+            term.ended_by = event.event.name
+            term.cancelled.set()
+            self._run_hooks("exit_leader", term)
+        elif source != "leader":
+            self._run_hooks(f"exit_{source}", self._change(event))
+
+    def _change(self, event: Any) -> Change:
+        return Change(source=event.transition.source, dest=event.transition.dest,
+                      trigger=event.event.name, reason=self._reason)
+
+    def _announce_leader(self) -> None:
+        now = self.leader
+        old = self._reported
+        if _same_leader(old, now):
+            return
+        self._reported = now
+        self._run_hooks("leader_change", old, now)
+
+    # ------------------------------------------------------------------ hooks
+    def _run_hooks(self, name: str, *args: Any) -> None:
+        for fn in list(self.hooks.get(name)):
+            try:
+                fn(*args)
+            except Exception as exc:
+                log.exception("%s: hook on_%s (%s) raised; the elector goes on",
+                              self.election, name, getattr(fn, "__qualname__", fn))
+                self._report(HookError(f"on_{name}", exc), f"on_{name}")
+
+    def _report(self, error: BaseException, where: str) -> None:
+        for fn in list(self.hooks.get("error")):
+            try:
+                fn(error)
+            except Exception:
+                log.exception("%s: on_error hook raised while reporting %r from %s",
+                              self.election, error, where)
+
+
+def _same_leader(a: LeaderInfo | None, b: LeaderInfo | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (a.key, a.create_revision, a.value) == (b.key, b.create_revision, b.value)

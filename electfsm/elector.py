@@ -1,0 +1,247 @@
+"""The Elector: one node's candidacy in one election, as an explicit state machine."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from etcd3 import etcdrpc
+
+from electfsm.campaign import compare_create
+from electfsm.config import ElectorConfig
+from electfsm.dispatcher import Dispatcher
+from electfsm.errors import ElectorStopped, EtcdError, NotLeaderError
+from electfsm.etcd import EtcdClient
+from electfsm.events import ErrorReported, Event, LeaderInfo, Resign, Stop
+from electfsm.hooks import HookMethods, Hooks
+from electfsm.machine import State
+from electfsm.observe import Observer
+from electfsm.session import SessionWatch
+from electfsm.term import Term
+
+log = logging.getLogger("electfsm")
+
+
+class Elector(HookMethods):
+    """Run for leader in ``election``; fall back to follower; always know who leads.
+
+    ::
+
+        elector = Elector(endpoints=["127.0.0.1:2379"], election="jobs/scheduler",
+                          identity="node-a", ttl=5)
+
+        @elector.on_enter_leader
+        def start(term):
+            print("leading with fencing token", term.token)
+
+        with elector:                      # start(); stop() on the way out
+            elector.wait_for("leader", "follower", timeout=10)
+            print(elector.state, elector.leader)
+
+    Three threads (session-watch, campaign, observe) only put events on one queue; one
+    dispatcher thread applies them to the machine and runs the hooks, so transitions never
+    run concurrently. See :data:`electfsm.machine.TABLE` for every transition.
+    """
+
+    def __init__(self, *, endpoints: str | Sequence[str], election: str, identity: str | bytes,
+                 ttl: int = 10, margin: float | None = None, call_timeout: float = 2.0,
+                 backoff_max: float = 2.0) -> None:
+        self.config = ElectorConfig(endpoints=endpoints, election=election, identity=identity,
+                                    ttl=ttl, margin=margin, call_timeout=call_timeout,
+                                    backoff_max=backoff_max)
+        self._hooks = Hooks()
+        self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._changed = threading.Condition()
+        self._client = EtcdClient(self.config.hosts, timeout=self.config.call_timeout)
+        self._session = SessionWatch(self._client, self.config, self._queue.put)
+        self._observer = Observer(self._client, self.config.election, self._queue.put,
+                                  self.config.backoff_max)
+        self._dispatcher = Dispatcher(election=self.config.election, value=self.config.identity,
+                                      hooks=self._hooks, effects=_Effects(self),
+                                      clock=time.monotonic)
+        self._workers: list[threading.Thread] = []
+        self._thread = threading.Thread(target=self._dispatch, daemon=True,
+                                        name=f"electfsm-dispatch[{self.config.election}]")
+        self._started = False
+        self._stopped = False
+
+    def __repr__(self) -> str:
+        return (f"Elector(election={self.config.election!r}, "
+                f"identity={self._dispatcher.identity!r}, state={self.state!r})")
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Elector:
+        """Start the threads. Returns at once: the elector is ``disconnected`` until etcd
+        grants a lease, and keeps retrying (with backoff, logging why) while it cannot."""
+        if self._stopped:
+            raise ElectorStopped("this elector was stopped; create a new Elector to run again")
+        if not self._started:
+            self._started = True
+            self._thread.start()
+            self._observer.start()
+            self._session.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Leave the election: step down (``on_exit_leader`` runs), revoke the lease (which
+        deletes our key), and end every thread. Safe to call twice and from a hook."""
+        if self._stopped:
+            if threading.current_thread() is not self._thread and self._thread.is_alive():
+                self._thread.join(timeout)
+            return
+        self._stopped = True
+        if not self._started:
+            self._client.close()
+            return
+        self._queue.put(Stop())
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> Elector:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def resign(self) -> None:
+        """Step down if leader and queue again at the back; a no-op otherwise."""
+        self._queue.put(Resign())
+
+    # ------------------------------------------------------------------ views
+    @property
+    def state(self) -> State:
+        """``"disconnected"``, ``"candidate"``, ``"follower"`` or ``"leader"``."""
+        return self._dispatcher.state
+
+    @property
+    def leader(self) -> LeaderInfo | None:
+        """Who leads (identity, key, create revision), or None when nobody does or we cannot
+        tell (disconnected). Never reports us before etcd confirmed it."""
+        return self._dispatcher.leader
+
+    @property
+    def term(self) -> Term | None:
+        """The current term if we lead, else None."""
+        return self._dispatcher.term
+
+    @property
+    def is_leader(self) -> bool:
+        """True while we lead *and* the lease's local deadline has not passed."""
+        term = self._dispatcher.term
+        return term is not None and term.valid
+
+    @property
+    def identity(self) -> str:
+        return self._dispatcher.identity
+
+    @property
+    def ttl(self) -> int:
+        """The TTL etcd granted (it raises a TTL below its minimum); the one asked for before
+        the first session."""
+        return self._session.granted_ttl or self.config.ttl
+
+    @property
+    def transitions(self) -> int:
+        """How many transitions the machine has made."""
+        return self._dispatcher.transitions
+
+    def wait_for(self, *states: State, timeout: float | None = None) -> bool:
+        """Block until the state is one of ``states``; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.state in states, timeout)
+
+    def wait_until(self, predicate: Callable[[Elector], bool],
+                   timeout: float | None = None) -> bool:
+        """Block until ``predicate(elector)`` holds after some event; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: predicate(self), timeout)
+
+    # ------------------------------------------------------------------ fenced writes
+    def fenced_txn(self, compare: Sequence[Any] = (), success: Sequence[Any] = (),
+                   failure: Sequence[Any] = (), *, timeout: float | None = None) -> Any:
+        """Run an etcd transaction only if we still lead.
+
+        The transaction is nested inside ``If(create_revision(our key) == token)``: etcd runs it
+        only while our key is the same incarnation that won. Raises :class:`NotLeaderError` if
+        we do not lead, the term's deadline passed, or etcd says our key is gone; otherwise
+        returns the inner ``TxnResponse`` (``.succeeded`` tells which branch ran). Build
+        operations with :mod:`electfsm.ops`.
+        """
+        term = self._dispatcher.term
+        if term is None or not term.valid:
+            raise NotLeaderError(f"{self.config.election}: not leader (state {self.state}); "
+                                 "fenced_txn runs only while leading")
+        inner = etcdrpc.TxnRequest(compare=list(compare), success=list(success),
+                                   failure=list(failure))
+        resp = self._client.txn([compare_create(term.key.encode(), term.token)],
+                                [etcdrpc.RequestOp(request_txn=inner)],
+                                timeout=timeout, what="fenced transaction")
+        if not resp.succeeded:
+            raise NotLeaderError(f"{self.config.election}: our key {term.key} (token "
+                                 f"{term.token}) is gone: leadership was lost; nothing written")
+        return resp.responses[0].response_txn
+
+    # ------------------------------------------------------------------ dispatcher thread
+    def _dispatch(self) -> None:
+        while True:
+            event = self._queue.get()
+            self._dispatcher.apply(event)
+            with self._changed:
+                self._changed.notify_all()
+            if self._dispatcher.stopped:
+                break
+
+    def _teardown(self) -> None:
+        timeout = self.config.call_timeout + 1
+        self._session.stop(timeout + self.config.call_timeout)
+        self._observer.stop(timeout)
+        for worker in self._workers:
+            worker.join(timeout)
+        self._client.close()
+
+    def _run_work(self, work: Callable[[Term], Any], term: Term) -> None:
+        try:
+            work(term)
+        except Exception as exc:
+            log.exception("%s: run_while_leader work %s raised", self.config.election,
+                          getattr(work, "__qualname__", work))
+            self._queue.put(ErrorReported(error=exc, where="run_while_leader"))
+
+
+class _Effects:
+    """What the dispatcher asks of the elector's threads (all calls return at once)."""
+
+    def __init__(self, elector: Elector) -> None:
+        self._e = elector
+
+    def recampaign(self, generation: int) -> None:
+        campaign = self._e._session.campaign(generation)
+        if campaign is not None:
+            campaign.recampaign()
+
+    def resign(self, generation: int, key: str, create_revision: int) -> None:
+        campaign = self._e._session.campaign(generation)
+        if campaign is not None:
+            campaign.resign(create_revision)
+
+    def deadline(self, generation: int) -> float:
+        return self._e._session.deadline(generation)
+
+    def bind_term(self, term: Term) -> None:
+        self._e._session.bind(term.generation, term.cancelled)
+
+    def start_work(self, work: Callable[[Term], Any], term: Term) -> None:
+        thread = threading.Thread(target=self._e._run_work, args=(work, term), daemon=True,
+                                  name=f"electfsm-work[{self._e.config.election}]")
+        self._e._workers = [w for w in self._e._workers if w.is_alive()] + [thread]
+        thread.start()
+
+    def shutdown(self) -> None:
+        self._e._teardown()
+
+
+__all__ = ["Elector", "EtcdError"]

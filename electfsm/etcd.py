@@ -1,0 +1,294 @@
+"""A thin etcd v3 adapter over gRPC, using the protobuf stubs that ship with ``python3-etcd3``.
+
+Why not that package's client: a timeout there blacklists the endpoint for 300 s, its watcher
+thread dies silently on a stream error, and calls without a timeout hang on a paused server.
+Here every unary call has a deadline, every error is translated into an
+:class:`~electfsm.errors.EtcdError` that says what happened, a channel that failed is closed and
+rebuilt (on the next endpoint, when there are several), and watch streams belong to their caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grpc
+from etcd3 import etcdrpc
+
+from electfsm.errors import (
+    EtcdError,
+    EtcdUnavailable,
+    LeaseNotFound,
+    PermissionDenied,
+    WatchCompacted,
+)
+
+log = logging.getLogger("electfsm.etcd")
+
+#: Watch and keepalive streams carry this so a member cut off from quorum fails them fast.
+REQUIRE_LEADER = (("hasleader", "true"),)
+
+_CHANNEL_OPTIONS = [
+    # Reconnect quickly after etcd comes back (gRPC's default backoff grows to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    # Find a dead peer under a long-lived watch. etcd refuses pings more often than every 5 s.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.enable_retries", 0),
+]
+
+_UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The ``range_end`` that makes a range or watch cover every key starting with ``prefix``."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"
+
+
+def to_bytes(value: str | bytes) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+
+class EtcdClient:
+    """One gRPC channel to one of ``hosts`` (``host:port``), rebuilt on failure.
+
+    ``timeout`` is the deadline of every unary call unless the call gives its own.
+    Thread-safe: one client may serve every thread of an elector.
+    """
+
+    def __init__(self, hosts: Sequence[str], *, timeout: float = 2.0,
+                 credentials: Any | None = None) -> None:
+        if not hosts:
+            raise ValueError("EtcdClient needs at least one host:port")
+        self.hosts = tuple(hosts)
+        self.timeout = timeout
+        self._credentials = credentials
+        self._lock = threading.Lock()
+        self._index = 0
+        self._closed = False
+        self._channel: Any = None
+        self._stubs: dict[str, Any] = {}
+        self._connect()
+
+    # ------------------------------------------------------------------ channel
+    @property
+    def endpoint(self) -> str:
+        return self.hosts[self._index]
+
+    def _connect(self) -> None:
+        target = self.hosts[self._index]
+        if self._credentials is not None:
+            self._channel = grpc.secure_channel(target, self._credentials, _CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.insecure_channel(target, _CHANNEL_OPTIONS)
+        self._stubs = {
+            "kv": etcdrpc.KVStub(self._channel),
+            "lease": etcdrpc.LeaseStub(self._channel),
+            "watch": etcdrpc.WatchStub(self._channel),
+            "maintenance": etcdrpc.MaintenanceStub(self._channel),
+        }
+
+    def _stub(self, name: str) -> tuple[Any, Any]:
+        with self._lock:
+            if self._closed:
+                raise EtcdError("the etcd client is closed")
+            return self._stubs[name], self._channel
+
+    def _failed(self, channel: Any) -> None:
+        """Do not trust ``channel`` again: close it and connect anew (to the next host)."""
+        with self._lock:
+            if self._closed or channel is not self._channel:
+                return  # someone else already rebuilt it
+            old = self._channel
+            self._index = (self._index + 1) % len(self.hosts)
+            log.debug("rebuilding etcd channel, now to %s", self.hosts[self._index])
+            self._connect()
+        old.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            channel = self._channel
+        channel.close()
+
+    # ------------------------------------------------------------------ errors
+    def _translate(self, exc: grpc.RpcError, what: str, channel: Any,
+                   timeout: float | None) -> EtcdError:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = (exc.details() if hasattr(exc, "details") else "") or ""
+        where = f"etcd at {self.hosts[self._index]}"
+        if code in _UNAVAILABLE:
+            self._failed(channel)
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return EtcdUnavailable(f"{what}: {where} did not answer within {timeout}s; "
+                                       "is it running and reachable?")
+            return EtcdUnavailable(f"{what}: cannot reach {where} ({details}); check the "
+                                   "endpoint and that etcd is running")
+        if code == grpc.StatusCode.NOT_FOUND and "lease" in details:
+            return LeaseNotFound(f"{what}: etcd no longer knows the lease ({details})")
+        if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
+            return WatchCompacted(f"{what}: {details}", 0)
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+            return PermissionDenied(f"{what}: {where} refused it ({details}); check the user's "
+                                    "role and credentials")
+        if code == grpc.StatusCode.CANCELLED:
+            return EtcdUnavailable(f"{what}: the call was cancelled ({details})")
+        name = code.name if code is not None else type(exc).__name__
+        return EtcdError(f"{what}: {where} answered {name}: {details}")
+
+    def _unary(self, stub_name: str, method: str, request: Any, what: str,
+               timeout: float | None = None) -> Any:
+        stub, channel = self._stub(stub_name)
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            return getattr(stub, method)(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise self._translate(exc, what, channel, timeout) from None
+        except ValueError as exc:  # the channel was closed under us by a rebuild
+            raise EtcdUnavailable(f"{what}: the connection was rebuilt ({exc})") from None
+
+    # ------------------------------------------------------------------ KV
+    def range(self, key: bytes, range_end: bytes = b"", *, limit: int = 0,
+              sort_target: str = "KEY", sort_order: str = "NONE", keys_only: bool = False,
+              max_create_revision: int = 0, revision: int = 0,
+              timeout: float | None = None) -> Any:
+        request = etcdrpc.RangeRequest(
+            key=key, range_end=range_end, limit=limit, keys_only=keys_only,
+            sort_target=getattr(etcdrpc.RangeRequest, sort_target),
+            sort_order=getattr(etcdrpc.RangeRequest, sort_order),
+            max_create_revision=max_create_revision, revision=revision,
+        )
+        return self._unary("kv", "Range", request, f"read {key!r}", timeout)
+
+    def put(self, key: bytes, value: bytes, *, lease: int = 0,
+            timeout: float | None = None) -> Any:
+        request = etcdrpc.PutRequest(key=key, value=value, lease=lease)
+        return self._unary("kv", "Put", request, f"put {key!r}", timeout)
+
+    def delete(self, key: bytes, range_end: bytes = b"", *, timeout: float | None = None) -> Any:
+        request = etcdrpc.DeleteRangeRequest(key=key, range_end=range_end)
+        return self._unary("kv", "DeleteRange", request, f"delete {key!r}", timeout)
+
+    def txn(self, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any] = (),
+            *, timeout: float | None = None, what: str = "transaction") -> Any:
+        request = etcdrpc.TxnRequest(compare=list(compare), success=list(success),
+                                     failure=list(failure))
+        return self._unary("kv", "Txn", request, what, timeout)
+
+    def compact(self, revision: int, *, timeout: float | None = None) -> Any:
+        request = etcdrpc.CompactionRequest(revision=revision, physical=True)
+        return self._unary("kv", "Compact", request, f"compact at {revision}", timeout)
+
+    # ------------------------------------------------------------------ leases
+    def grant(self, ttl: int, *, timeout: float | None = None) -> tuple[int, int]:
+        """Grant a lease; returns (lease id, the TTL etcd granted)."""
+        resp = self._unary("lease", "LeaseGrant", etcdrpc.LeaseGrantRequest(TTL=ttl),
+                           f"grant a {ttl}s lease", timeout)
+        if resp.error:
+            raise EtcdError(f"grant a {ttl}s lease: etcd said {resp.error}")
+        return int(resp.ID), int(resp.TTL)
+
+    def keepalive(self, lease: int, *, timeout: float | None = None) -> int:
+        """Renew ``lease`` once; returns the TTL etcd answered (0 or less: the lease is gone)."""
+        stub, channel = self._stub("lease")
+        timeout = self.timeout if timeout is None else timeout
+        request = etcdrpc.LeaseKeepAliveRequest(ID=lease)
+        call = stub.LeaseKeepAlive(iter([request]), timeout=timeout, metadata=REQUIRE_LEADER)
+        try:
+            for resp in call:
+                return int(resp.TTL)
+        except grpc.RpcError as exc:
+            raise self._translate(exc, f"keep lease {lease:x} alive", channel, timeout) from None
+        except ValueError as exc:
+            raise EtcdUnavailable(f"keep lease {lease:x} alive: connection rebuilt ({exc})") \
+                from None
+        finally:
+            call.cancel()
+        raise EtcdUnavailable(f"keep lease {lease:x} alive: the stream ended without an answer")
+
+    def revoke(self, lease: int, *, timeout: float | None = None) -> None:
+        """Revoke ``lease`` (deleting every key attached to it); a lease already gone is fine."""
+        try:
+            self._unary("lease", "LeaseRevoke", etcdrpc.LeaseRevokeRequest(ID=lease),
+                        f"revoke lease {lease:x}", timeout)
+        except LeaseNotFound:
+            pass
+
+    def time_to_live(self, lease: int, *, keys: bool = False,
+                     timeout: float | None = None) -> Any:
+        request = etcdrpc.LeaseTimeToLiveRequest(ID=lease, keys=keys)
+        return self._unary("lease", "LeaseTimeToLive", request, f"TTL of lease {lease:x}",
+                           timeout)
+
+    def leases(self, *, timeout: float | None = None) -> list[int]:
+        resp = self._unary("lease", "LeaseLeases", etcdrpc.LeaseLeasesRequest(), "list leases",
+                           timeout)
+        return [int(item.ID) for item in resp.leases]
+
+    def status(self, *, timeout: float | None = None) -> Any:
+        return self._unary("maintenance", "Status", etcdrpc.StatusRequest(), "status", timeout)
+
+    # ------------------------------------------------------------------ watch
+    def watch(self, key: bytes, range_end: bytes = b"", *, start_revision: int = 0,
+              no_put: bool = False) -> Watch:
+        """Open a watch stream owned by the caller (iterate it; ``cancel()`` from anywhere)."""
+        filters = [etcdrpc.WatchCreateRequest.NOPUT] if no_put else []
+        create = etcdrpc.WatchCreateRequest(key=key, range_end=range_end,
+                                            start_revision=start_revision, filters=filters)
+        return Watch(self, etcdrpc.WatchRequest(create_request=create), key)
+
+
+class Watch:
+    """One etcd watch on its own gRPC stream. Iterating yields ``WatchResponse`` messages with
+    events; errors come out as :class:`~electfsm.errors.EtcdError`; :meth:`cancel` ends it."""
+
+    def __init__(self, client: EtcdClient, create: Any, key: bytes) -> None:
+        self._client = client
+        self._key = key
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._requests.put(create)
+        self._cancelled = False
+        stub, self._channel = client._stub("watch")
+        self._call = stub.Watch(iter(self._requests.get, None), metadata=REQUIRE_LEADER)
+
+    def __iter__(self) -> Iterator[Any]:
+        what = f"watch {self._key!r}"
+        try:
+            for resp in self._call:
+                if resp.compact_revision:
+                    raise WatchCompacted(
+                        f"{what}: revision compacted up to {resp.compact_revision}",
+                        int(resp.compact_revision))
+                if resp.canceled:
+                    raise EtcdError(f"{what}: etcd cancelled it ({resp.cancel_reason or 'no reason'})")
+                if resp.events:
+                    yield resp
+        except grpc.RpcError as exc:
+            if self._cancelled:
+                return
+            raise self._client._translate(exc, what, self._channel, None) from None
+        except ValueError as exc:
+            if self._cancelled:
+                return
+            raise EtcdUnavailable(f"{what}: connection rebuilt ({exc})") from None
+        if not self._cancelled:
+            raise EtcdUnavailable(f"{what}: the stream ended")
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._requests.put(None)
+        self._call.cancel()

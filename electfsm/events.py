@@ -1,0 +1,94 @@
+"""Events: the only way anything reaches the machine.
+
+Threads (session-watch, campaign, observe) and user calls put these on one queue;
+the dispatcher applies them in order. Events that belong to a session carry its
+``generation`` so the dispatcher can drop those of a session that is already gone.
+Tests can build and inject them directly (see :mod:`electfsm.testing`); there a
+``generation`` of ``None`` means "the current session".
+"""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen(kw_only=True)
+class LeaderInfo:
+    """Who leads: the leader's identity, its candidate key and that key's create revision.
+
+    ``create_revision`` is also the leader's fencing token.
+    """
+
+    identity: str
+    key: str
+    create_revision: int
+    lease: int = 0
+    value: bytes = b""
+
+    @property
+    def token(self) -> int:
+        return self.create_revision
+
+
+@attrs.frozen(kw_only=True)
+class SessionUp:
+    """session-watch granted a fresh lease (``ttl`` is what etcd granted)."""
+
+    generation: int | None = None
+    lease: int = 0
+    ttl: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class SessionLost:
+    """The session's lease expired, was revoked, or was unconfirmed past its deadline."""
+
+    generation: int | None = None
+    reason: str = "lost"
+
+
+@attrs.frozen(kw_only=True)
+class Elected:
+    """campaign confirmed, in one read at ``revision``, that our key is first and holds our lease."""
+
+    generation: int | None = None
+    key: str = ""
+    create_revision: int = 0
+    revision: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class LeaderSeen:
+    """observe's view of the election at ``revision``: the leader, or None when nobody leads."""
+
+    leader: LeaderInfo | None = None
+    revision: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class Deposed:
+    """Our key vanished or is no longer first while we lead."""
+
+    generation: int | None = None
+    reason: str = "deposed"
+
+
+@attrs.frozen(kw_only=True)
+class Resign:
+    """User call: step down and queue again at the back."""
+
+
+@attrs.frozen(kw_only=True)
+class Stop:
+    """User call: leave the election for good."""
+
+
+@attrs.frozen(kw_only=True)
+class ErrorReported:
+    """A thread hit an error worth telling the user about; runs the ``on_error`` hooks."""
+
+    error: BaseException
+    where: str = ""
+
+
+Event = SessionUp | SessionLost | Elected | LeaderSeen | Deposed | Resign | Stop | ErrorReported

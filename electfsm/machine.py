@@ -1,0 +1,91 @@
+"""The elector's transition table, written once as data.
+
+The ``transitions`` machine (:func:`build_machine`), the diagrams in ``diagrams/``
+(:mod:`electfsm.diagram`) and the README's table are all made from :data:`TABLE`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+from transitions import Machine
+
+State = Literal["disconnected", "candidate", "follower", "leader"]
+
+#: Every state, the initial one first.
+STATES: tuple[State, ...] = ("disconnected", "candidate", "follower", "leader")
+INITIAL: State = "disconnected"
+LIVE: tuple[State, ...] = ("candidate", "follower", "leader")
+
+
+@attrs.frozen
+class Row:
+    """One line of the table: ``trigger`` moves each of ``sources`` to ``dest``.
+
+    ``internal`` rows stay in the state without leaving it (no exit/enter hooks run).
+    """
+
+    sources: tuple[State, ...]
+    trigger: str
+    dest: State
+    note: str
+    internal: bool = False
+
+
+TABLE: tuple[Row, ...] = (
+    Row(("disconnected",), "session_up", "candidate", "a fresh lease; campaign for it"),
+    Row(("candidate",), "leader_seen", "follower", "another candidate leads"),
+    Row(("candidate", "follower"), "elected", "leader",
+        "one read confirmed our key exists, holds our lease and is first"),
+    Row(("follower",), "leader_seen", "follower", "the leader changed", internal=True),
+    Row(("follower",), "leader_gone", "candidate", "nobody leads right now"),
+    Row(("leader",), "deposed", "candidate", "our key vanished or is not first; campaign again"),
+    Row(("leader",), "resign", "candidate", "delete our key (guarded); queue again at the back"),
+    Row(LIVE, "session_lost", "disconnected",
+        "lease expired, revoked, or unconfirmed past its deadline"),
+    Row(STATES, "stop", "disconnected", "revoke the lease, end every thread; terminal"),
+)
+
+#: Every trigger name, in table order.
+TRIGGERS: tuple[str, ...] = tuple(dict.fromkeys(row.trigger for row in TABLE))
+
+
+def transition_configs() -> list[dict[str, Any]]:
+    """The table in the form ``transitions.Machine(transitions=...)`` takes."""
+    configs: list[dict[str, Any]] = []
+    for row in TABLE:
+        for source in row.sources:
+            internal = row.internal or (row.trigger == "stop" and source == row.dest)
+            configs.append(
+                {"trigger": row.trigger, "source": source,
+                 "dest": None if internal else row.dest}
+            )
+    return configs
+
+
+def build_machine(model: Any, **callbacks: Any) -> Machine:
+    """A ``transitions`` machine for ``model`` built from :data:`TABLE`.
+
+    Invalid triggers are ignored (the caller decides what a state does not accept),
+    and no ``to_<state>`` shortcuts exist: the table is the only way between states.
+    """
+    return Machine(
+        model=model,
+        states=list(STATES),
+        transitions=transition_configs(),
+        initial=INITIAL,
+        auto_transitions=False,
+        ignore_invalid_triggers=True,
+        send_event=True,
+        model_attribute="fsm_state",
+        **callbacks,
+    )
+
+
+def legal(source: State, trigger: str) -> State | None:
+    """Where ``trigger`` takes ``source`` according to the table, or None if it does not apply."""
+    for row in TABLE:
+        if row.trigger == trigger and source in row.sources:
+            return row.dest
+    return None
