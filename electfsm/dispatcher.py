@@ -15,7 +15,6 @@ from typing import Any, Protocol
 import attrs
 
 from electfsm.errors import HookError
-from electfsm.hooks import Hooks
 from electfsm.events import (
     Deposed,
     Elected,
@@ -28,6 +27,7 @@ from electfsm.events import (
     SessionUp,
     Stop,
 )
+from electfsm.hooks import Hooks
 from electfsm.machine import STATES, State, build_machine
 from electfsm.term import Term
 
@@ -109,7 +109,9 @@ class Dispatcher:
 
     @property
     def our_key(self) -> str | None:
-        return f"{self.prefix}{self.lease:x}" if self.generation is not None and self.lease else None
+        if self.generation is None or not self.lease:
+            return None
+        return f"{self.prefix}{self.lease:x}"
 
     @property
     def leader(self) -> LeaderInfo | None:

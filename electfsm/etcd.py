@@ -9,6 +9,7 @@ rebuilt (on the next endpoint, when there are several), and watch streams belong
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -222,11 +223,9 @@ class EtcdClient:
 
     def revoke(self, lease: int, *, timeout: float | None = None) -> None:
         """Revoke ``lease`` (deleting every key attached to it); a lease already gone is fine."""
-        try:
+        with contextlib.suppress(LeaseNotFound):
             self._unary("lease", "LeaseRevoke", etcdrpc.LeaseRevokeRequest(ID=lease),
                         f"revoke lease {lease:x}", timeout)
-        except LeaseNotFound:
-            pass
 
     def time_to_live(self, lease: int, *, keys: bool = False,
                      timeout: float | None = None) -> Any:
@@ -274,7 +273,8 @@ class Watch:
                         f"{what}: revision compacted up to {resp.compact_revision}",
                         int(resp.compact_revision))
                 if resp.canceled:
-                    raise EtcdError(f"{what}: etcd cancelled it ({resp.cancel_reason or 'no reason'})")
+                    reason = resp.cancel_reason or "no reason given"
+                    raise EtcdError(f"{what}: etcd cancelled it ({reason})")
                 if resp.events:
                     yield resp
         except grpc.RpcError as exc:

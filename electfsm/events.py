@@ -49,7 +49,7 @@ class SessionLost:
 
 @attrs.frozen(kw_only=True)
 class Elected:
-    """campaign confirmed, in one read at ``revision``, that our key is first and holds our lease."""
+    """campaign confirmed in one read at ``revision``: our key is first and holds our lease."""
 
     generation: int | None = None
     key: str = ""
