@@ -116,10 +116,15 @@ class Campaign:
                 if self._cancelled:
                     return
                 self._want = False
-                resign, self._resign = self._resign, None
+                resign = self._resign
             try:
                 if resign is not None:
+                    # Until this delete succeeds we must not campaign: the old key would
+                    # still be first and win again.
                     self._delete_if(resign)
+                    with self._cond:
+                        if self._resign == resign:
+                            self._resign = None
                 self._campaign()
                 backoff.reset()
             except LeaseNotFound:

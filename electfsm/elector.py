@@ -68,6 +68,7 @@ class Elector(HookMethods):
                                         name=f"electfsm-dispatch[{self.config.election}]")
         self._started = False
         self._stopped = False
+        self._revoke = True
 
     def __repr__(self) -> str:
         return (f"Elector(election={self.config.election!r}, "
@@ -86,9 +87,14 @@ class Elector(HookMethods):
             self._session.start()
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0, *, revoke: bool = True) -> None:
         """Leave the election: step down (``on_exit_leader`` runs), revoke the lease (which
-        deletes our key), and end every thread. Safe to call twice and from a hook."""
+        deletes our key), and end every thread. Safe to call twice and from a hook.
+
+        ``revoke=False`` stops renewing but leaves the lease to expire on the server, as a
+        crashed process would: others take over only after the TTL.
+        """
+        self._revoke = revoke
         if self._stopped:
             if threading.current_thread() is not self._thread and self._thread.is_alive():
                 self._thread.join(timeout)
@@ -107,9 +113,17 @@ class Elector(HookMethods):
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def resign(self) -> None:
-        """Step down if leader and queue again at the back; a no-op otherwise."""
-        self._queue.put(Resign())
+    def resign(self, timeout: float | None = 10.0) -> None:
+        """Step down if leader and queue again at the back; a no-op otherwise.
+
+        Returns once the machine has left ``leader`` (``on_exit_leader`` has run), or after
+        ``timeout``; our key is then deleted in etcd (guarded by its create revision). Called
+        from a hook, it only queues the request.
+        """
+        done = threading.Event()
+        self._queue.put(Resign(done=done))
+        if threading.current_thread() is not self._thread and self._started:
+            done.wait(timeout)
 
     # ------------------------------------------------------------------ views
     @property
@@ -190,6 +204,8 @@ class Elector(HookMethods):
         while True:
             event = self._queue.get()
             self._dispatcher.apply(event)
+            if isinstance(event, Resign) and event.done is not None:
+                event.done.set()
             with self._changed:
                 self._changed.notify_all()
             if self._dispatcher.stopped:
@@ -197,7 +213,7 @@ class Elector(HookMethods):
 
     def _teardown(self) -> None:
         timeout = self.config.call_timeout + 1
-        self._session.stop(timeout + self.config.call_timeout)
+        self._session.stop(timeout + self.config.call_timeout, revoke=self._revoke)
         self._observer.stop(timeout)
         for worker in self._workers:
             worker.join(timeout)

@@ -233,11 +233,6 @@ class EtcdClient:
         return self._unary("lease", "LeaseTimeToLive", request, f"TTL of lease {lease:x}",
                            timeout)
 
-    def leases(self, *, timeout: float | None = None) -> list[int]:
-        resp = self._unary("lease", "LeaseLeases", etcdrpc.LeaseLeasesRequest(), "list leases",
-                           timeout)
-        return [int(item.ID) for item in resp.leases]
-
     def status(self, *, timeout: float | None = None) -> Any:
         return self._unary("maintenance", "Status", etcdrpc.StatusRequest(), "status", timeout)
 

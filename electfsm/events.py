@@ -9,6 +9,8 @@ Tests can build and inject them directly (see :mod:`electfsm.testing`); there a
 
 from __future__ import annotations
 
+import threading
+
 import attrs
 
 
@@ -75,7 +77,9 @@ class Deposed:
 
 @attrs.frozen(kw_only=True)
 class Resign:
-    """User call: step down and queue again at the back."""
+    """User call: step down and queue again at the back. ``done`` is set once applied."""
+
+    done: threading.Event | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen(kw_only=True)

@@ -35,6 +35,7 @@ class SessionWatch:
         self._emit = emit
         self._clock = clock
         self._stopping = threading.Event()
+        self._revoke = True
         self._lock = threading.Lock()
         self.generation = 0
         self.lease = 0
@@ -49,7 +50,8 @@ class SessionWatch:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float) -> None:
+    def stop(self, timeout: float, *, revoke: bool = True) -> None:
+        self._revoke = revoke
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -111,6 +113,9 @@ class SessionWatch:
                 self._emit(SessionLost(generation=generation, reason=reason))
                 log.warning("%s: session %d lost: %s", self._config.election, generation, reason)
             campaign.join(self._config.call_timeout + 1)
+            if not self._revoke:
+                log.info("%s: leaving lease %x to expire on its own", self._config.election, lease)
+                continue
             try:  # best-effort: a lease we stopped renewing must not keep our key alive
                 self._client.revoke(lease)
             except EtcdError as exc:

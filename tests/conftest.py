@@ -1,0 +1,59 @@
+"""Shared fixtures: real etcd servers (electfsm.embedded.LocalEtcd) and per-test election names."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from electfsm.embedded import LocalEtcd, find_etcdctl_binary
+
+
+@pytest.fixture(scope="session")
+def etcd() -> Iterator[LocalEtcd]:
+    """One etcd for the whole session; tests that pause/kill/restart use ``make_etcd``."""
+    server = LocalEtcd()
+    with server:
+        yield server
+
+
+@pytest.fixture
+def make_etcd() -> Iterator[Callable[..., LocalEtcd]]:
+    """``make_etcd(**LocalEtcd kwargs)``: a fresh, started server; all are stopped at test end."""
+    made: list[LocalEtcd] = []
+
+    def make(**kwargs: Any) -> LocalEtcd:
+        server = LocalEtcd(**kwargs)
+        made.append(server)
+        return server.start()
+
+    yield make
+    errors: list[BaseException] = []
+    for server in reversed(made):
+        try:
+            server.stop()
+        except Exception as exc:  # stop the others anyway
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def election(request: pytest.FixtureRequest) -> str:
+    """A unique election name for this test, made of ``[A-Za-z0-9_/-]`` only."""
+    raw = f"test/{request.node.name}-{uuid.uuid4().hex[:8]}"
+    return re.sub(r"[^A-Za-z0-9_/-]", "_", raw)
+
+
+@pytest.fixture(scope="session")
+def etcdctl() -> str:
+    """Path of the etcdctl binary (same lookup order as the etcd binary)."""
+    return find_etcdctl_binary()
+
+
+# transitions logs every callback at INFO; keep test logs to electfsm's own lines.
+logging.getLogger("transitions").setLevel(logging.WARNING)

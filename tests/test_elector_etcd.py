@@ -1,0 +1,365 @@
+"""The elector against a real etcd server started by the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from electfsm import EtcdUnavailable, Elector, NotLeaderError, ops
+from electfsm.embedded import LocalEtcd, free_port
+from electfsm.etcd import EtcdClient, prefix_end
+
+HERE = Path(__file__).resolve().parent
+MakeElector = Callable[..., Elector]
+
+
+@pytest.fixture
+def make_elector(etcd: LocalEtcd, election: str) -> Iterator[MakeElector]:
+    made: list[Elector] = []
+
+    def make(identity: str, *, endpoint: str | None = None, start: bool = True,
+             **kwargs: Any) -> Elector:
+        kwargs.setdefault("ttl", 2)
+        kwargs.setdefault("election", election)
+        e = Elector(endpoints=[endpoint or etcd.endpoint], identity=identity, **kwargs)
+        made.append(e)
+        return e.start() if start else e
+
+    yield make
+    for e in made:
+        e.stop()
+
+
+@pytest.fixture
+def raw(etcd: LocalEtcd) -> Iterator[EtcdClient]:
+    client = EtcdClient([etcd.endpoint], timeout=5)
+    yield client
+    client.close()
+
+
+def keys(client: EtcdClient, election: str) -> list[bytes]:
+    prefix = (election + "/").encode()
+    return [bytes(kv.key) for kv in client.range(prefix, prefix_end(prefix)).kvs]
+
+
+def settle(electors: list[Elector], timeout: float = 10) -> Elector:
+    """Wait until exactly one leads and every other follows it; return the leader."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        leaders = [e for e in electors if e.state == "leader"]
+        if len(leaders) == 1 and all(
+                e.state == "follower" and e.leader is not None
+                and e.leader.key == leaders[0].term.key  # type: ignore[union-attr]
+                for e in electors if e is not leaders[0]):
+            return leaders[0]
+        time.sleep(0.01)
+    raise AssertionError(f"no single settled leader: {[(e.identity, e.state) for e in electors]}")
+
+
+def test_exactly_one_of_three_leads_and_followers_know_it(make_elector: MakeElector) -> None:
+    electors = [make_elector(f"node-{i}") for i in range(3)]
+    leader = settle(electors)
+    for e in electors:
+        assert e.leader is not None and e.leader.identity == leader.identity
+    assert sum(e.state == "leader" for e in electors) == 1
+
+
+def test_graceful_resign_hands_over_and_requeues_at_the_back(
+        make_elector: MakeElector) -> None:
+    electors = [make_elector(f"node-{i}") for i in range(3)]
+    first = settle(electors)
+    old_token = first.term.token  # type: ignore[union-attr]
+    first.resign()
+    second = settle([e for e in electors])
+    assert second is not first
+    assert second.term is not None and second.term.token > old_token
+    second.resign()
+    third = settle(electors)
+    assert third is not second and third is not first, "the resigned node queued at the back"
+
+
+def test_killed_leader_process_hands_over_within_ttl_plus_one_second(
+        etcd: LocalEtcd, election: str, make_elector: MakeElector) -> None:
+    ttl = 2
+    proc = subprocess.Popen([sys.executable, str(HERE / "candidate.py"), etcd.endpoint,
+                             election, "doomed", str(ttl)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if json.loads(line).get("state") == "leader":
+                break
+        else:
+            pytest.fail("the candidate process never led")
+        follower = make_elector("survivor", ttl=ttl)
+        assert follower.wait_for("follower", timeout=5)
+        killed_at = time.monotonic()
+        proc.send_signal(signal.SIGKILL)
+        assert follower.wait_for("leader", timeout=ttl + 3)
+        took = time.monotonic() - killed_at
+        assert took <= ttl + 1.0, f"failover took {took:.2f}s with ttl {ttl}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_stop_leaves_no_key_no_lease_and_no_thread(
+        make_elector: MakeElector, raw: EtcdClient, election: str) -> None:
+    e = make_elector("node-a")
+    assert e.wait_for("leader", timeout=5)
+    lease = e.term.lease  # type: ignore[union-attr]
+    assert raw.time_to_live(lease).TTL > 0
+    e.stop()
+    assert e.state == "disconnected"
+    assert keys(raw, election) == []
+    assert raw.time_to_live(lease).TTL == -1, "the lease was revoked"
+    assert [t.name for t in threading.enumerate() if election in t.name] == []
+
+
+def test_hooks_run_in_order_on_the_dispatcher_thread(make_elector: MakeElector) -> None:
+    calls: list[tuple[str, str]] = []
+    e = make_elector("node-a", start=False)
+    for state in ("disconnected", "candidate", "follower", "leader"):
+        getattr(e, f"on_enter_{state}")(
+            lambda _a, s=state: calls.append((f"enter_{s}", threading.current_thread().name)))
+        getattr(e, f"on_exit_{state}")(
+            lambda _a, s=state: calls.append((f"exit_{s}", threading.current_thread().name)))
+    e.start()
+    assert e.wait_for("leader", timeout=5)
+    e.stop()
+    names = [c[0] for c in calls]
+    assert names == ["exit_disconnected", "enter_candidate", "exit_candidate", "enter_leader",
+                     "exit_leader", "enter_disconnected"]
+    assert {c[1] for c in calls} == {f"electfsm-dispatch[{e.config.election}]"}
+
+
+def test_fenced_txn_writes_while_leader_and_fails_once_leadership_is_lost(
+        make_elector: MakeElector, raw: EtcdClient, election: str) -> None:
+    e = make_elector("node-a")
+    assert e.wait_for("leader", timeout=5)
+    data = f"{election}-data"
+    result = e.fenced_txn(success=[ops.put(data, b"1")])
+    assert result.succeeded
+    assert raw.range(data.encode()).kvs[0].value == b"1"
+    term = e.term
+    assert term is not None
+    raw.revoke(term.lease)  # leadership lost behind the elector's back
+    with pytest.raises(NotLeaderError):
+        e.fenced_txn(success=[ops.put(data, b"2")])
+    assert raw.range(data.encode()).kvs[0].value == b"1", "nothing written without leadership"
+
+
+def test_fenced_txn_runs_the_users_compare(make_elector: MakeElector, raw: EtcdClient,
+                                           election: str) -> None:
+    e = make_elector("node-a")
+    assert e.wait_for("leader", timeout=5)
+    data = f"{election}-cursor"
+    raw.put(data.encode(), b"41")
+    ok = e.fenced_txn(compare=[ops.value(data) == b"41"], success=[ops.put(data, b"42")])
+    assert ok.succeeded
+    stale = e.fenced_txn(compare=[ops.value(data) == b"41"], success=[ops.put(data, b"99")],
+                         failure=[ops.get(data)])
+    assert not stale.succeeded
+    assert stale.responses[0].response_range.kvs[0].value == b"42"
+
+
+def test_fenced_txn_outside_leadership_is_refused(make_elector: MakeElector) -> None:
+    e = make_elector("node-a", start=False)
+    with pytest.raises(NotLeaderError, match="not leader"):
+        e.fenced_txn(success=[ops.put("x", b"1")])
+
+
+def test_deleting_the_leaders_key_by_hand_deposes_it_and_everyone_sees_it(
+        make_elector: MakeElector, raw: EtcdClient) -> None:
+    a = make_elector("node-a")
+    assert a.wait_for("leader", timeout=5)
+    b = make_elector("node-b")
+    assert b.wait_for("follower", timeout=5)
+    exits: list[str | None] = []
+    a.on_exit_leader(lambda term: exits.append(term.ended_by))
+    key = a.term.key  # type: ignore[union-attr]
+    raw.delete(key.encode())
+    assert b.wait_for("leader", timeout=5), "b's key is now the oldest"
+    assert settle([a, b]) is b, "a campaigned again, behind b"
+    assert exits == ["deposed"]
+    assert a.leader is not None and a.leader.identity == "node-b"
+
+
+def test_waiting_candidate_whose_lease_expires_never_becomes_leader(
+        make_elector: MakeElector, raw: EtcdClient) -> None:
+    a = make_elector("node-a")
+    assert a.wait_for("leader", timeout=5)
+    b = make_elector("node-b")
+    assert b.wait_for("follower", timeout=5)
+    doomed_lease = b._session.lease
+    terms: list[int] = []
+    b.on_enter_leader(lambda term: terms.append(term.lease))
+    raw.revoke(doomed_lease)   # b's key goes with its lease while b waits behind a
+    a.stop()                   # ...and right then its predecessor leaves
+    assert b.wait_until(lambda e: e.state == "leader", timeout=10)
+    assert terms, "b leads, once it has a new lease"
+    assert doomed_lease not in terms, "phantom leadership on a revoked lease"
+
+
+def test_revoked_lease_is_noticed_and_a_new_session_leads_again(
+        make_elector: MakeElector, raw: EtcdClient) -> None:
+    lost: list[str] = []
+    e = make_elector("node-a", start=False)
+    e.on_enter_disconnected(lambda change: lost.append(change.reason))
+    e.start()
+    assert e.wait_for("leader", timeout=5)
+    first = e.term
+    assert first is not None
+    raw.revoke(first.lease)
+    assert e.wait_until(lambda x: x.term is not None and x.term.lease != first.lease,
+                        timeout=10)
+    assert first.cancelled.is_set()
+    assert any("lease" in reason for reason in lost), lost
+
+
+def test_paused_etcd_makes_the_leader_step_down_before_the_lease_could_expire(
+        make_etcd: Callable[..., LocalEtcd], election: str) -> None:
+    server = make_etcd()
+    ttl = 2
+    e = Elector(endpoints=[server.endpoint], election=election, identity="node-a", ttl=ttl,
+                call_timeout=0.5)
+    stepped: list[float] = []
+    e.on_exit_leader(lambda term: stepped.append(time.monotonic()))
+    try:
+        e.start()
+        assert e.wait_for("leader", timeout=5)
+        term = e.term
+        assert term is not None
+        paused_at = time.monotonic()
+        deadline = term.deadline
+        server.pause()
+        try:
+            assert e.wait_for("disconnected", timeout=ttl + 2)
+        finally:
+            server.resume()
+        assert stepped, "on_exit_leader ran"
+        # The last keepalive was sent before the pause, so the server's expiry is later than
+        # paused_at + ttl - (time since that keepalive); stepping down by the local deadline
+        # (send time + ttl - margin) is before it.
+        assert stepped[0] <= deadline + 0.2
+        assert stepped[0] - paused_at < ttl
+        assert e.wait_for("leader", timeout=10), "leads again once etcd answers"
+    finally:
+        e.stop()
+
+
+def test_unreachable_etcd_keeps_retrying_and_leads_once_it_comes_up(
+        make_etcd: Callable[..., LocalEtcd], election: str) -> None:
+    port = free_port()
+    errors: list[BaseException] = []
+    e = Elector(endpoints=[f"127.0.0.1:{port}"], election=election, identity="node-a", ttl=2,
+                call_timeout=0.5, backoff_max=0.3)
+    e.on_error(errors.append)
+    try:
+        e.start()
+        time.sleep(1.0)
+        assert e.state == "disconnected"
+        assert any(isinstance(err, EtcdUnavailable) for err in errors)
+        assert any(f"127.0.0.1:{port}" in str(err) for err in errors)
+        make_etcd(client_port=port)
+        assert e.wait_for("leader", timeout=15)
+    finally:
+        e.stop()
+
+
+def test_ttl_below_etcds_minimum_uses_and_exposes_the_granted_ttl(
+        make_etcd: Callable[..., LocalEtcd], election: str) -> None:
+    # Default raft timings: etcd's minimum TTL is 2 s.
+    server = make_etcd(extra_args=["--heartbeat-interval", "100", "--election-timeout", "1000"])
+    e = Elector(endpoints=[server.endpoint], election=election, identity="node-a", ttl=1)
+    try:
+        assert e.ttl == 1
+        e.start()
+        assert e.wait_for("leader", timeout=10)
+        assert e.ttl == 2
+    finally:
+        e.stop()
+
+
+def test_go_etcdctl_elect_and_electfsm_agree_on_one_leader(
+        etcd: LocalEtcd, etcdctl: str, election: str, make_elector: MakeElector) -> None:
+    env = {**os.environ, "ETCDCTL_API": "3"}
+    go = subprocess.Popen([etcdctl, f"--endpoints={etcd.endpoint}", "elect", election, "go-node"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert go.stdout is not None
+        first = go.stdout.readline()  # etcdctl prints the leader key when it wins
+        assert first.startswith(election + "/"), first
+        py = make_elector("py-node")
+        assert py.wait_for("follower", timeout=5)
+        assert py.leader is not None and py.leader.identity == "go-node"
+        go.send_signal(signal.SIGINT)  # etcdctl resigns
+        assert py.wait_for("leader", timeout=5)
+        go.wait(5)
+        go2 = subprocess.Popen([etcdctl, f"--endpoints={etcd.endpoint}", "elect", election,
+                                "go-node-2"], stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            time.sleep(1.0)
+            assert go2.poll() is None
+            assert py.state == "leader", "the Go candidate waits behind the electfsm leader"
+            py.resign()
+            assert go2.stdout is not None
+            assert go2.stdout.readline().startswith(election + "/"), "etcdctl took over"
+            assert py.wait_until(lambda e: e.leader is not None
+                                 and e.leader.identity == "go-node-2", timeout=5)
+        finally:
+            go2.send_signal(signal.SIGINT)
+            go2.wait(5)
+    finally:
+        go.kill()
+        go.wait()
+
+
+def test_observe_survives_an_etcd_restart(make_etcd: Callable[..., LocalEtcd],
+                                          election: str) -> None:
+    server = make_etcd()
+    a = Elector(endpoints=[server.endpoint], election=election, identity="node-a", ttl=5,
+                call_timeout=0.5, backoff_max=0.3)
+    b = Elector(endpoints=[server.endpoint], election=election, identity="node-b", ttl=5,
+                call_timeout=0.5, backoff_max=0.3)
+    try:
+        a.start()
+        assert a.wait_for("leader", timeout=5)
+        b.start()
+        assert b.wait_for("follower", timeout=5)
+        server.kill()
+        server.restart()
+        # leases survive the restart; after it a leader exists and b knows who it is
+        leader = settle([a, b], timeout=20)
+        a_or_b = {a.identity, b.identity}
+        assert leader.identity in a_or_b
+        other = b if leader is a else a
+        leader.resign()
+        settle([a, b], timeout=10)
+        assert other.state == "leader"
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_compaction_does_not_break_observation(make_elector: MakeElector,
+                                               raw: EtcdClient) -> None:
+    a = make_elector("node-a")
+    assert a.wait_for("leader", timeout=5)
+    b = make_elector("node-b")
+    assert b.wait_for("follower", timeout=5)
+    for i in range(20):
+        raw.put(b"noise", str(i).encode())
+    raw.compact(int(raw.status().header.revision))
+    a.resign()
+    assert settle([a, b]) is b
+    assert a.leader is not None and a.leader.identity == "node-b"

@@ -1,0 +1,217 @@
+"""The machine alone, driven by injected events through electfsm.testing (no etcd)."""
+
+from __future__ import annotations
+
+import pytest
+
+from electfsm import (
+    Deposed,
+    Elected,
+    HookError,
+    LeaderInfo,
+    LeaderSeen,
+    Resign,
+    SessionLost,
+    SessionUp,
+    Stop,
+)
+from electfsm.machine import STATES, TABLE, TRIGGERS, legal, transition_configs
+from electfsm.testing import Harness
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness(identity="node-a", ttl=5)
+
+
+def record(h: Harness) -> list[str]:
+    calls: list[str] = []
+    for state in STATES:
+        getattr(h, f"on_enter_{state}")(lambda _arg, s=state: calls.append(f"enter_{s}"))
+        getattr(h, f"on_exit_{state}")(lambda _arg, s=state: calls.append(f"exit_{s}"))
+    return calls
+
+
+def test_table_covers_every_state_and_each_trigger_has_one_destination_per_source() -> None:
+    seen = {(row.trigger, s) for row in TABLE for s in row.sources}
+    assert len(seen) == sum(len(row.sources) for row in TABLE)
+    assert {s for row in TABLE for s in (*row.sources, row.dest)} == set(STATES)
+    assert len(transition_configs()) == len(seen)
+    assert set(TRIGGERS) == {row.trigger for row in TABLE}
+
+
+def test_only_table_transitions_are_legal() -> None:
+    assert legal("disconnected", "elected") is None
+    assert legal("candidate", "elected") == "leader"
+    assert legal("leader", "resign") == "candidate"
+    assert legal("follower", "resign") is None
+
+
+def test_session_up_makes_a_candidate_and_elected_makes_a_leader(h: Harness) -> None:
+    assert h.state == "disconnected"
+    h.connect()
+    assert h.state == "candidate"
+    ev = h.elect()
+    assert h.state == "leader"
+    assert h.term is not None and h.term.token == ev.create_revision
+    assert h.leader is not None and h.leader.identity == "node-a"
+
+
+def test_elected_after_session_lost_never_makes_a_leader(h: Harness) -> None:
+    up = h.connect()
+    h.inject(SessionLost(generation=up.generation, reason="expired"))
+    h.inject(Elected(generation=up.generation, key=f"test/election/{up.lease:x}",
+                     create_revision=5, revision=6))
+    assert h.state == "disconnected"
+    h.connect()
+    h.inject(Elected(generation=up.generation, key="k", create_revision=5, revision=6))
+    assert h.state == "candidate", "an elected of the old session must be dropped"
+
+
+def test_elected_is_ignored_when_observe_already_saw_someone_else_lead_later(h: Harness) -> None:
+    h.connect()
+    seen = h.see_leader("node-b")
+    h.inject(Elected(generation=None, key=h.dispatcher.our_key or "", create_revision=1,
+                     revision=seen.revision - 1))
+    assert h.state == "follower"
+    assert h.recampaigns == [h.dispatcher.generation]
+
+
+def test_follower_tracks_leader_changes_and_falls_back_to_candidate(h: Harness) -> None:
+    changes: list[tuple[str | None, str | None]] = []
+    h.on_leader_change(lambda old, new: changes.append(
+        (old and old.identity, new and new.identity)))
+    h.connect()
+    h.see_leader("node-b")
+    assert h.state == "follower"
+    h.see_leader("node-c")
+    assert h.state == "follower" and h.leader is not None and h.leader.identity == "node-c"
+    h.see_leader(None)
+    assert h.state == "candidate" and h.leader is None
+    assert changes == [(None, "node-b"), ("node-b", "node-c"), ("node-c", None)]
+
+
+def test_our_own_unconfirmed_key_is_never_reported_as_leader(h: Harness) -> None:
+    up = h.connect()
+    ours = LeaderInfo(identity="node-a", key=h.dispatcher.our_key or "", create_revision=9,
+                      lease=up.lease, value=b"node-a")
+    h.inject(LeaderSeen(leader=ours, revision=10))
+    assert h.state == "candidate"
+    assert h.leader is None
+
+
+def test_newer_view_without_our_key_deposes_the_leader(h: Harness) -> None:
+    h.connect()
+    h.elect()
+    generation = h.dispatcher.generation
+    h.see_leader("node-b")
+    assert h.state == "follower"
+    assert h.recampaigns == [generation]
+
+
+def test_older_view_does_not_depose_a_fresh_leader(h: Harness) -> None:
+    h.connect()
+    stale = LeaderInfo(identity="node-b", key="test/election/b", create_revision=1)
+    elected = h.elect()
+    h.inject(LeaderSeen(leader=stale, revision=elected.revision - 1))
+    assert h.state == "leader"
+
+
+def test_exit_leader_runs_once_after_each_enter_and_term_is_cancelled_first(
+        h: Harness) -> None:
+    calls = record(h)
+    cancelled_at_exit: list[bool] = []
+    h.on_exit_leader(lambda term: cancelled_at_exit.append(term.cancelled.is_set()))
+    h.connect()
+    h.elect()
+    h.inject(Resign())
+    h.elect()
+    h.inject(Deposed(reason="key deleted"))
+    h.elect()
+    h.inject(SessionLost())
+    assert calls.count("enter_leader") == calls.count("exit_leader") == 3
+    pairs = [c for c in calls if c.endswith("_leader")]
+    assert pairs == ["enter_leader", "exit_leader"] * 3
+    assert cancelled_at_exit == [True, True, True]
+
+
+def test_hook_order_on_election(h: Harness) -> None:
+    calls = record(h)
+    h.connect()
+    h.see_leader("node-b")
+    h.see_leader(None)
+    h.elect()
+    assert calls == ["exit_disconnected", "enter_candidate", "exit_candidate", "enter_follower",
+                     "exit_follower", "enter_candidate", "exit_candidate", "enter_leader"]
+
+
+def test_a_raising_hook_is_reported_and_the_machine_goes_on(h: Harness) -> None:
+    errors: list[BaseException] = []
+    later: list[int] = []
+    h.on_error(errors.append)
+
+    @h.on_enter_leader
+    def boom(term: object) -> None:
+        raise RuntimeError("hook bug")
+
+    h.on_enter_leader(lambda term: later.append(1))
+    h.connect()
+    h.elect()
+    assert h.state == "leader"
+    assert later == [1], "hooks after the raising one still run"
+    assert len(errors) == 1 and isinstance(errors[0], HookError)
+    assert "on_enter_leader" in str(errors[0]) and "hook bug" in str(errors[0])
+    h.inject(Resign())
+    assert h.state == "candidate"
+
+
+def test_deadline_passes_without_renewal_and_steps_down(h: Harness) -> None:
+    h.connect()
+    h.elect()
+    term = h.term
+    assert term is not None
+    h.advance(2.0)
+    h.renew()
+    h.advance(4.0)
+    assert h.state == "leader", "renewed 4 s ago with ttl 5: still inside the deadline"
+    assert term.remaining() == pytest.approx(5 - h.margin - 4.0)
+    h.advance(1.0)
+    assert h.state == "disconnected"
+    assert term.cancelled.is_set() and not term.valid and term.ended_by == "session_lost"
+
+
+def test_resign_asks_for_a_guarded_delete_of_our_incarnation(h: Harness) -> None:
+    h.connect()
+    ev = h.elect()
+    h.inject(Resign())
+    assert h.state == "candidate"
+    assert h.resigns == [(h.dispatcher.generation, ev.key, ev.create_revision)]
+
+
+def test_resign_when_not_leader_does_nothing(h: Harness) -> None:
+    h.connect()
+    h.see_leader("node-b")
+    h.inject(Resign())
+    assert h.state == "follower" and h.resigns == []
+
+
+def test_stop_is_terminal(h: Harness) -> None:
+    calls = record(h)
+    h.connect()
+    h.elect()
+    h.inject(Stop())
+    assert h.state == "disconnected" and h.shut_down
+    assert calls[-2:] == ["exit_leader", "enter_disconnected"]
+    h.inject(SessionUp(generation=99, lease=1, ttl=5))
+    assert h.state == "disconnected"
+
+
+def test_run_while_leader_work_gets_each_term(h: Harness) -> None:
+    h.run_while_leader(lambda term: None)
+    h.connect()
+    h.elect()
+    h.inject(Resign())
+    h.elect()
+    tokens = [term.token for _work, term in h.work]
+    assert len(tokens) == 2 and tokens[0] < tokens[1]
+    assert h.work[0][1].cancelled.is_set() and not h.work[1][1].cancelled.is_set()
