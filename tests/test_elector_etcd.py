@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from electfsm import EtcdUnavailable, Elector, NotLeaderError, ops
+from electfsm import Elector, EtcdUnavailable, NotLeaderError, ops
 from electfsm.embedded import LocalEtcd, free_port
 from electfsm.etcd import EtcdClient, prefix_end
 
@@ -338,14 +338,19 @@ def test_observe_survives_an_etcd_restart(make_etcd: Callable[..., LocalEtcd],
         assert b.wait_for("follower", timeout=5)
         server.kill()
         server.restart()
-        # leases survive the restart; after it a leader exists and b knows who it is
+        raw = EtcdClient([server.endpoint], timeout=5)
+        try:
+            deadline = time.monotonic() + 10
+            while len(keys(raw, election)) < 2:  # both campaigns are in the queue again
+                assert time.monotonic() < deadline, keys(raw, election)
+                time.sleep(0.05)
+        finally:
+            raw.close()
         leader = settle([a, b], timeout=20)
-        a_or_b = {a.identity, b.identity}
-        assert leader.identity in a_or_b
         other = b if leader is a else a
         leader.resign()
-        settle([a, b], timeout=10)
-        assert other.state == "leader"
+        assert other.wait_for("leader", timeout=10), "the change after the restart was seen"
+        assert settle([a, b]) is other
     finally:
         a.stop()
         b.stop()
