@@ -368,3 +368,52 @@ def test_compaction_does_not_break_observation(make_elector: MakeElector,
     a.resign()
     assert settle([a, b]) is b
     assert a.leader is not None and a.leader.identity == "node-b"
+
+
+def test_a_raising_hook_does_not_stop_a_real_elector(make_elector: MakeElector) -> None:
+    errors: list[BaseException] = []
+    e = make_elector("node-a", start=False)
+    e.on_error(errors.append)
+
+    @e.on_enter_leader
+    def broken(term: object) -> None:
+        raise RuntimeError("bug in user code")
+
+    e.start()
+    assert e.wait_for("leader", timeout=5)
+    e.resign()
+    assert e.wait_for("leader", timeout=5), "still campaigning and winning after the error"
+    assert len(errors) >= 2 and all("bug in user code" in str(err) for err in errors)
+
+
+def test_context_manager_stops_cleanly(etcd: LocalEtcd, election: str,
+                                       raw: EtcdClient) -> None:
+    with Elector(endpoints=[etcd.endpoint], election=election, identity="node-a",
+                 ttl=2) as e:
+        assert e.wait_for("leader", timeout=5)
+        assert keys(raw, election) != []
+    assert e.state == "disconnected"
+    assert keys(raw, election) == []
+
+
+def test_run_while_leader_work_is_cancelled_when_leadership_ends(
+        make_elector: MakeElector) -> None:
+    tokens: list[int] = []
+    finished = threading.Event()
+
+    def work(term: Any) -> None:
+        tokens.append(term.token)
+        term.cancelled.wait(30)
+        finished.set()
+
+    e = make_elector("node-a", start=False)
+    e.run_while_leader(work)
+    e.start()
+    assert e.wait_for("leader", timeout=5)
+    e.resign()
+    assert finished.wait(5), "work saw term.cancelled and returned"
+    assert e.wait_for("leader", timeout=5)
+    deadline = time.monotonic() + 5
+    while len(tokens) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(tokens) == 2 and tokens[0] < tokens[1], "a fresh term, a larger token"

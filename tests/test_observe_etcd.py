@@ -1,0 +1,116 @@
+"""observe and the etcd adapter on their own, against a real etcd."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from electfsm import EtcdUnavailable, LeaderSeen
+from electfsm.embedded import LocalEtcd
+from electfsm.etcd import EtcdClient
+from electfsm.events import Event
+from electfsm.observe import Observer
+
+
+@pytest.fixture
+def raw(etcd: LocalEtcd) -> Iterator[EtcdClient]:
+    client = EtcdClient([etcd.endpoint], timeout=5)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def seen(etcd: LocalEtcd, election: str) -> Iterator[queue.Queue[Event]]:
+    events: queue.Queue[Event] = queue.Queue()
+    client = EtcdClient([etcd.endpoint], timeout=2)
+    observer = Observer(client, election, events.put, backoff_max=0.2)
+    observer.start()
+    yield events
+    observer.stop(5)
+    client.close()
+
+
+def next_leader(events: queue.Queue[Event]) -> LeaderSeen:
+    while True:
+        event = events.get(timeout=5)
+        if isinstance(event, LeaderSeen):
+            return event
+
+
+def test_observe_reports_puts_deletes_and_no_leader(
+        raw: EtcdClient, election: str, seen: queue.Queue[Event]) -> None:
+    assert next_leader(seen).leader is None, "an empty election reports nobody"
+    first, _ = raw.grant(30)
+    second, _ = raw.grant(30)
+    raw.put(f"{election}/{first:x}".encode(), b"node-1", lease=first)
+    got = next_leader(seen)
+    assert got.leader is not None and got.leader.identity == "node-1"
+    raw.put(f"{election}/{second:x}".encode(), b"node-2", lease=second)
+    raw.put(f"{election}/{first:x}".encode(), b"node-1b", lease=first)  # a proclamation
+    got = next_leader(seen)
+    assert got.leader is not None and got.leader.value == b"node-1b"
+    raw.delete(f"{election}/{first:x}".encode())
+    got = next_leader(seen)
+    assert got.leader is not None and got.leader.identity == "node-2"
+    raw.revoke(second)
+    got = next_leader(seen)
+    assert got.leader is None, "the last candidate left: nobody leads"
+
+
+def test_keys_of_a_nested_election_are_not_candidates(
+        raw: EtcdClient, election: str, seen: queue.Queue[Event]) -> None:
+    assert next_leader(seen).leader is None
+    raw.put(f"{election}/x/1234".encode(), b"nested")  # a candidate of election "<name>/x"
+    raw.put(f"{election}/notes".encode(), b"not a lease id")
+    lease, _ = raw.grant(30)
+    raw.put(f"{election}/{lease:x}".encode(), b"real", lease=lease)
+    got = next_leader(seen)
+    assert got.leader is not None and got.leader.identity == "real"
+
+
+def test_a_timed_out_call_does_not_poison_the_client(
+        make_etcd: Callable[..., LocalEtcd]) -> None:
+    server = make_etcd()
+    client = EtcdClient([server.endpoint], timeout=0.5)
+    try:
+        client.put(b"k", b"v")
+        server.pause()
+        started = time.monotonic()
+        with pytest.raises(EtcdUnavailable, match=r"did not answer within 0\.5s"):
+            client.range(b"k")
+        assert time.monotonic() - started < 1.5
+        server.resume()
+        assert client.range(b"k").kvs[0].value == b"v", "usable again at once"
+    finally:
+        server.resume()
+        client.close()
+
+
+def test_unreachable_endpoint_fails_fast_with_a_clear_error() -> None:
+    from electfsm.embedded import free_port
+
+    port = free_port()
+    client = EtcdClient([f"127.0.0.1:{port}"], timeout=2)
+    try:
+        started = time.monotonic()
+        with pytest.raises(EtcdUnavailable, match=f"127.0.0.1:{port}"):
+            client.grant(5)
+        assert time.monotonic() - started < 2.5
+    finally:
+        client.close()
+
+
+def test_second_endpoint_is_used_when_the_first_is_dead(etcd: LocalEtcd) -> None:
+    from electfsm.embedded import free_port
+
+    client = EtcdClient([f"127.0.0.1:{free_port()}", etcd.endpoint], timeout=1)
+    try:
+        with pytest.raises(EtcdUnavailable):
+            client.status()
+        assert client.status().header.revision > 0
+        assert client.endpoint == etcd.endpoint
+    finally:
+        client.close()
