@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 
 from electfsm.errors import ConfigError
+from electfsm.security import TLS, Auth
 
 #: etcd refuses requests over 1.5 MiB by default; the identity is the value of our key.
 MAX_IDENTITY_BYTES = 1024 * 1024
@@ -145,10 +146,19 @@ class ElectorConfig:
     margin: float | None = None
     call_timeout: float = attrs.field(default=2.0, validator=_positive("call_timeout"))
     backoff_max: float = attrs.field(default=2.0, validator=_positive("backoff_max"))
+    tls: TLS | None = attrs.field(default=None, validator=attrs.validators.optional(
+        attrs.validators.instance_of(TLS)))
+    auth: Auth | None = attrs.field(default=None, validator=attrs.validators.optional(
+        attrs.validators.instance_of(Auth)))
 
     def __attrs_post_init__(self) -> None:
         for endpoint in self.endpoints:
             parse_endpoint(endpoint)
+        if self.secure and self.tls is None:
+            object.__setattr__(self, "tls", TLS())
+        if self.tls is not None and any(parse_endpoint(e)[1] is False for e in self.endpoints):
+            raise ConfigError("tls is set but the endpoints say http://; use https:// or "
+                              "plain host:port")
         if self.margin is not None:
             _positive("margin")(self, None, self.margin)
             if self.margin >= self.ttl / 2:
@@ -161,6 +171,11 @@ class ElectorConfig:
 
     def margin_for(self, granted_ttl: int) -> float:
         """The step-down margin for the TTL etcd actually granted."""
+        if self.secure and self.tls is None:
+            object.__setattr__(self, "tls", TLS())
+        if self.tls is not None and any(parse_endpoint(e)[1] is False for e in self.endpoints):
+            raise ConfigError("tls is set but the endpoints say http://; use https:// or "
+                              "plain host:port")
         if self.margin is not None:
             return min(self.margin, granted_ttl / 2)
         return default_margin(granted_ttl)
@@ -171,4 +186,5 @@ class ElectorConfig:
 
     @property
     def secure(self) -> bool:
-        return any(parse_endpoint(e)[1] for e in self.endpoints)
+        """https:// endpoints or TLS settings: connect with TLS."""
+        return self.tls is not None or any(parse_endpoint(e)[1] for e in self.endpoints)

@@ -20,6 +20,7 @@ from electfsm.events import ErrorReported, Event, LeaderInfo, Resign, Stop
 from electfsm.hooks import HookMethods, Hooks
 from electfsm.machine import State
 from electfsm.observe import Observer
+from electfsm.security import TLS, Auth
 from electfsm.session import SessionWatch
 from electfsm.term import Term
 
@@ -49,14 +50,15 @@ class Elector(HookMethods):
 
     def __init__(self, *, endpoints: str | Sequence[str], election: str, identity: str | bytes,
                  ttl: int = 10, margin: float | None = None, call_timeout: float = 2.0,
-                 backoff_max: float = 2.0) -> None:
+                 backoff_max: float = 2.0, tls: TLS | None = None,
+                 auth: Auth | None = None) -> None:
         self.config = ElectorConfig(endpoints=endpoints, election=election, identity=identity,
                                     ttl=ttl, margin=margin, call_timeout=call_timeout,
-                                    backoff_max=backoff_max)
+                                    backoff_max=backoff_max, tls=tls, auth=auth)
         self._hooks = Hooks()
         self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._changed = threading.Condition()
-        self._client = EtcdClient(self.config.hosts, timeout=self.config.call_timeout)
+        self._client = EtcdClient.for_config(self.config)
         self._session = SessionWatch(self._client, self.config, self._queue.put)
         self._observer = Observer(self._client, self.config.election, self._queue.put,
                                   self.config.backoff_max)

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 from etcd3 import etcdrpc
 
+from electfsm.config import ElectorConfig
 from electfsm.errors import (
     EtcdError,
     EtcdUnavailable,
@@ -26,13 +27,14 @@ from electfsm.errors import (
     PermissionDenied,
     WatchCompacted,
 )
+from electfsm.security import Auth
 
 log = logging.getLogger("electfsm.etcd")
 
 #: Watch and keepalive streams carry this so a member cut off from quorum fails them fast.
 REQUIRE_LEADER = (("hasleader", "true"),)
 
-_CHANNEL_OPTIONS = [
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # Reconnect quickly after etcd comes back (gRPC's default backoff grows to 120 s).
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
@@ -47,6 +49,20 @@ _CHANNEL_OPTIONS = [
 ]
 
 _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class TokenExpired(PermissionDenied):
+    """etcd rejected our auth token (it expired); the next call authenticates again."""
+
+
+def _tls_failure(details: str) -> str | None:
+    """The TLS reason in a gRPC error's details, if the failure was a TLS one."""
+    lowered = details.lower()
+    for marker in ("certificate_verify_failed", "certificate verify failed", "ssl_error",
+                   "handshake", "wrong_version_number", "tsi_", "ssl", "certificate"):
+        if marker in lowered:
+            return details.strip()[:300]
+    return None
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -72,18 +88,30 @@ class EtcdClient:
     """
 
     def __init__(self, hosts: Sequence[str], *, timeout: float = 2.0,
-                 credentials: Any | None = None) -> None:
+                 credentials: Any | None = None, auth: Auth | None = None,
+                 server_name: str | None = None) -> None:
         if not hosts:
             raise ValueError("EtcdClient needs at least one host:port")
         self.hosts = tuple(hosts)
         self.timeout = timeout
         self._credentials = credentials
+        self._auth = auth
+        self._server_name = server_name
+        self._token: str | None = None
+        self._token_lock = threading.Lock()
         self._lock = threading.Lock()
         self._index = 0
         self._closed = False
         self._channel: Any = None
         self._stubs: dict[str, Any] = {}
         self._connect()
+
+    @classmethod
+    def for_config(cls, config: ElectorConfig) -> EtcdClient:
+        """A client for an elector's endpoints, TLS and user."""
+        return cls(config.hosts, timeout=config.call_timeout,
+                   credentials=config.tls.credentials() if config.tls else None,
+                   auth=config.auth, server_name=config.tls.server_name if config.tls else None)
 
     # ------------------------------------------------------------------ channel
     @property
@@ -93,7 +121,10 @@ class EtcdClient:
     def _connect(self) -> None:
         target = self.hosts[self._index]
         if self._credentials is not None:
-            self._channel = grpc.secure_channel(target, self._credentials, _CHANNEL_OPTIONS)
+            options = list(_CHANNEL_OPTIONS)
+            if self._server_name:
+                options.append(("grpc.ssl_target_name_override", self._server_name))
+            self._channel = grpc.secure_channel(target, self._credentials, options)
         else:
             self._channel = grpc.insecure_channel(target, _CHANNEL_OPTIONS)
         self._stubs = {
@@ -101,6 +132,7 @@ class EtcdClient:
             "lease": etcdrpc.LeaseStub(self._channel),
             "watch": etcdrpc.WatchStub(self._channel),
             "maintenance": etcdrpc.MaintenanceStub(self._channel),
+            "auth": etcdrpc.AuthStub(self._channel),
         }
 
     def _stub(self, name: str) -> tuple[Any, Any]:
@@ -126,6 +158,34 @@ class EtcdClient:
             channel = self._channel
         channel.close()
 
+    # ------------------------------------------------------------------ auth
+    def metadata(self, *, stream: bool = False) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata for a call: the auth token, and require-leader on streams."""
+        md = REQUIRE_LEADER if stream else ()
+        if self._auth is None:
+            return md
+        return (*md, ("token", self._current_token()))
+
+    def _current_token(self) -> str:
+        with self._token_lock:
+            if self._token is None:
+                self._token = self._authenticate()
+            return self._token
+
+    def _authenticate(self) -> str:
+        assert self._auth is not None
+        stub, channel = self._stub("auth")
+        request = etcdrpc.AuthenticateRequest(name=self._auth.user, password=self._auth.password)
+        try:
+            return str(stub.Authenticate(request, timeout=self.timeout).token)
+        except grpc.RpcError as exc:
+            raise self._translate(exc, f"authenticate as {self._auth.user!r}", channel,
+                                  self.timeout) from None
+
+    def _forget_token(self) -> None:
+        with self._token_lock:
+            self._token = None
+
     # ------------------------------------------------------------------ errors
     def _translate(self, exc: grpc.RpcError, what: str, channel: Any,
                    timeout: float | None) -> EtcdError:
@@ -139,13 +199,30 @@ class EtcdClient:
                                        "is it running and reachable?")
             return EtcdUnavailable(f"{what}: cannot reach {where} ({details}); check the "
                                    "endpoint and that etcd is running")
+        if "invalid auth token" in details or "auth: revision in header is old" in details:
+            self._forget_token()
+            return TokenExpired(f"{what}: etcd no longer accepts our auth token; "
+                                "authenticating again")
+        if "user name is empty" in details:
+            return PermissionDenied(f"{what}: {where} has authentication enabled; pass "
+                                    "auth=Auth(user=..., password=...) (CLI: --user)")
+        if "authentication failed" in details:
+            user = self._auth.user if self._auth else "?"
+            return PermissionDenied(f"{what}: {where} refused user {user!r}: wrong user name or "
+                                    "password")
+        if code in _UNAVAILABLE and self._credentials is not None and _tls_failure(details):
+            self._failed(channel)
+            return EtcdUnavailable(f"{what}: TLS with {where} failed ({_tls_failure(details)}); "
+                                   "check the CA (--cacert), the client certificate and key, "
+                                   "and that the endpoint speaks TLS")
         if code == grpc.StatusCode.NOT_FOUND and "lease" in details:
             return LeaseNotFound(f"{what}: etcd no longer knows the lease ({details})")
         if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
             return WatchCompacted(f"{what}: {details}", 0)
         if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-            return PermissionDenied(f"{what}: {where} refused it ({details}); check the user's "
-                                    "role and credentials")
+            user = f"user {self._auth.user!r}" if self._auth else "this client"
+            return PermissionDenied(f"{what}: {where} refused it for {user} ({details}); grant "
+                                    "the role read-write on the election's prefix")
         if code == grpc.StatusCode.CANCELLED:
             return EtcdUnavailable(f"{what}: the call was cancelled ({details})")
         name = code.name if code is not None else type(exc).__name__
@@ -153,14 +230,19 @@ class EtcdClient:
 
     def _unary(self, stub_name: str, method: str, request: Any, what: str,
                timeout: float | None = None) -> Any:
-        stub, channel = self._stub(stub_name)
         timeout = self.timeout if timeout is None else timeout
-        try:
-            return getattr(stub, method)(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise self._translate(exc, what, channel, timeout) from None
-        except ValueError as exc:  # the channel was closed under us by a rebuild
-            raise EtcdUnavailable(f"{what}: the connection was rebuilt ({exc})") from None
+        for attempt in (1, 2):
+            stub, channel = self._stub(stub_name)
+            try:
+                return getattr(stub, method)(request, timeout=timeout, metadata=self.metadata())
+            except grpc.RpcError as exc:
+                error = self._translate(exc, what, channel, timeout)
+                if isinstance(error, TokenExpired) and attempt == 1:
+                    continue
+                raise error from None
+            except ValueError as exc:  # the channel was closed under us by a rebuild
+                raise EtcdUnavailable(f"{what}: the connection was rebuilt ({exc})") from None
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ KV
     def range(self, key: bytes, range_end: bytes = b"", *, limit: int = 0,
@@ -208,7 +290,8 @@ class EtcdClient:
         stub, channel = self._stub("lease")
         timeout = self.timeout if timeout is None else timeout
         request = etcdrpc.LeaseKeepAliveRequest(ID=lease)
-        call = stub.LeaseKeepAlive(iter([request]), timeout=timeout, metadata=REQUIRE_LEADER)
+        call = stub.LeaseKeepAlive(iter([request]), timeout=timeout,
+                                   metadata=self.metadata(stream=True))
         try:
             for resp in call:
                 return int(resp.TTL)
@@ -257,7 +340,8 @@ class Watch:
         self._requests.put(create)
         self._cancelled = False
         stub, self._channel = client._stub("watch")
-        self._call = stub.Watch(iter(self._requests.get, None), metadata=REQUIRE_LEADER)
+        self._call = stub.Watch(iter(self._requests.get, None),
+                                metadata=client.metadata(stream=True))
 
     def __iter__(self) -> Iterator[Any]:
         what = f"watch {self._key!r}"
