@@ -11,7 +11,7 @@
 """
 
 from electfsm.dispatcher import Change
-from electfsm.elector import Elector
+from electfsm.elector import Elector, TxnResult
 from electfsm.errors import (
     ConfigError,
     ElectfsmError,
@@ -62,4 +62,5 @@ __all__ = [
     "State",
     "Stop",
     "Term",
+    "TxnResult",
 ]

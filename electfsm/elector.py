@@ -9,9 +9,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from etcd3 import etcdrpc
+import attrs
 
-from electfsm.campaign import compare_create
+from electfsm.campaign import compare_create, op_range
 from electfsm.config import ElectorConfig
 from electfsm.dispatcher import Dispatcher
 from electfsm.errors import ElectorStopped, EtcdError, NotLeaderError
@@ -25,6 +25,16 @@ from electfsm.session import SessionWatch
 from electfsm.term import Term
 
 log = logging.getLogger("electfsm")
+
+
+@attrs.frozen(kw_only=True)
+class TxnResult:
+    """What :meth:`Elector.fenced_txn` returns: which branch ran, its ``ResponseOp`` messages,
+    and the revision etcd answered at."""
+
+    succeeded: bool
+    responses: list[Any]
+    revision: int
 
 
 class Elector(HookMethods):
@@ -178,28 +188,44 @@ class Elector(HookMethods):
 
     # ------------------------------------------------------------------ fenced writes
     def fenced_txn(self, compare: Sequence[Any] = (), success: Sequence[Any] = (),
-                   failure: Sequence[Any] = (), *, timeout: float | None = None) -> Any:
+                   failure: Sequence[Any] = (), *, timeout: float | None = None) -> TxnResult:
         """Run an etcd transaction only if we still lead.
 
-        The transaction is nested inside ``If(create_revision(our key) == token)``: etcd runs it
-        only while our key is the same incarnation that won. Raises :class:`NotLeaderError` if
-        we do not lead, the term's deadline passed, or etcd says our key is gone; otherwise
-        returns the inner ``TxnResponse`` (``.succeeded`` tells which branch ran). Build
-        operations with :mod:`electfsm.ops`.
+        ``If(create_revision(our key) == token and compare...) Then success``: etcd applies
+        ``success`` only while our key is the incarnation that won. Raises
+        :class:`NotLeaderError` if we do not lead, the term's deadline passed, or etcd says
+        our key is gone (then nothing was written). If only ``compare`` failed, ``failure``
+        runs in a second transaction that is fenced the same way (not atomic with the first)
+        and the result has ``succeeded=False``. Build operations with :mod:`electfsm.ops`.
+
+        Why not one nested transaction: etcd releases before the fix for GHSA-rfx7-8w68-q57q
+        (3.5.1 among them) skip permission checks inside nested transactions, so a nested
+        fence would let a user write outside the keys their role allows.
         """
         term = self._dispatcher.term
         if term is None or not term.valid:
             raise NotLeaderError(f"{self.config.election}: not leader (state {self.state}); "
                                  "fenced_txn runs only while leading")
-        inner = etcdrpc.TxnRequest(compare=list(compare), success=list(success),
-                                   failure=list(failure))
-        resp = self._client.txn([compare_create(term.key.encode(), term.token)],
-                                [etcdrpc.RequestOp(request_txn=inner)],
+        key = term.key.encode()
+        fence = compare_create(key, term.token)
+        resp = self._client.txn([fence, *compare], list(success), [op_range(key)],
                                 timeout=timeout, what="fenced transaction")
-        if not resp.succeeded:
+        if resp.succeeded:
+            return TxnResult(succeeded=True, responses=list(resp.responses),
+                             revision=int(resp.header.revision))
+        ours = resp.responses[0].response_range.kvs
+        if not ours or ours[0].create_revision != term.token:
             raise NotLeaderError(f"{self.config.election}: our key {term.key} (token "
                                  f"{term.token}) is gone: leadership was lost; nothing written")
-        return resp.responses[0].response_txn
+        if not failure:
+            return TxnResult(succeeded=False, responses=[], revision=int(resp.header.revision))
+        resp = self._client.txn([fence], list(failure), timeout=timeout,
+                                what="fenced transaction (failure branch)")
+        if not resp.succeeded:
+            raise NotLeaderError(f"{self.config.election}: leadership was lost before the "
+                                 "failure branch ran; nothing written")
+        return TxnResult(succeeded=False, responses=list(resp.responses),
+                         revision=int(resp.header.revision))
 
     # ------------------------------------------------------------------ dispatcher thread
     def _dispatch(self) -> None:

@@ -183,6 +183,7 @@ class EtcdClient:
                                   self.timeout) from None
 
     def _forget_token(self) -> None:
+        log.info("etcd rejected our auth token (expired?); authenticating again")
         with self._token_lock:
             self._token = None
 
