@@ -4,8 +4,8 @@
    ``key = <election>/<lease hex>`` — the same key Go's ``concurrency.Election`` uses.
 2. Get the newest candidate older than us; watch *that one key* for DELETE from the Get's
    revision; repeat until nobody older is left (no thundering herd).
-3. Confirm in one read that our key exists, carries our lease and that no older candidate is
-   left; only then emit ``Elected`` (Go's Campaign skips this and reports phantom leaders).
+3. Each of those reads also checks that our key exists and carries our lease; the read that
+   finds nobody older confirms leadership and emits ``Elected`` (Go skips the check: phantoms).
 
 Only keys ``<election>/<lower-case hex>`` count as candidates, so a nested election
 ``<election>/x`` never blocks this one.
@@ -172,48 +172,36 @@ class Campaign:
         while not self._cancelled:
             predecessor, at = self._predecessor(revision)
             if predecessor is None:
-                confirmed = self._confirm(revision)
-                if confirmed is not None:
-                    self._emit(Elected(generation=self._generation, key=self.key.decode(),
-                                       create_revision=revision, revision=confirmed))
-                    return
-                continue
+                self._emit(Elected(generation=self._generation, key=self.key.decode(),
+                                   create_revision=revision, revision=at))
+                return
             self._wait_delete(predecessor, at + 1)
             with self._cond:
                 if self._want:  # a command arrived while we waited: obey it first
                     return
 
     def _predecessor(self, revision: int) -> tuple[bytes | None, int]:
-        """The newest candidate older than ``revision``, and the revision of that read."""
-        resp = self._client.range(self._prefix, self._end, max_create_revision=revision - 1,
-                                  sort_target="CREATE", sort_order="DESCEND", limit=1,
-                                  keys_only=True)
-        if resp.kvs and is_candidate_key(self._prefix, resp.kvs[0].key):
-            return bytes(resp.kvs[0].key), int(resp.header.revision)
-        if not resp.kvs:
-            return None, int(resp.header.revision)
-        # A nested election's key came first; look past it at every older key.
-        resp = self._client.range(self._prefix, self._end, max_create_revision=revision - 1,
-                                  sort_target="CREATE", sort_order="DESCEND", keys_only=True)
-        for kv in resp.kvs:
-            if is_candidate_key(self._prefix, kv.key):
-                return bytes(kv.key), int(resp.header.revision)
-        return None, int(resp.header.revision)
+        """One read: our key must still be there with our lease (else :class:`_KeyGone`);
+        returns the newest candidate older than us (None: we lead) and the read's revision.
 
-    def _confirm(self, revision: int) -> int | None:
-        """One read: our key is there, holds our lease, and nobody older is left."""
+        The same read that finds nobody older confirms leadership, so we never report it on
+        a key that expired while we waited (Go's Campaign does: etcd #19597).
+        """
         resp = self._client.txn([], [
             op_range(self.key),
-            op_range(self._prefix, self._end, max_create_revision=revision - 1, keys_only=True),
-        ], what=f"confirm {self.key!r} leads")
+            op_range(self._prefix, self._end, max_create_revision=revision - 1, keys_only=True,
+                     sort_target=etcdrpc.RangeRequest.CREATE,
+                     sort_order=etcdrpc.RangeRequest.DESCEND),
+        ], what=f"read who is ahead of {self.key!r}")
         ours = resp.responses[0].response_range.kvs
         if not ours or ours[0].create_revision != revision or ours[0].lease != self._lease:
             log.info("%s: our key %r is gone or changed while campaigning; not leader",
                      self._config.election, self.key)
             raise _KeyGone()
-        older = [kv for kv in resp.responses[1].response_range.kvs
-                 if is_candidate_key(self._prefix, kv.key)]
-        return None if older else int(resp.header.revision)
+        for kv in resp.responses[1].response_range.kvs:
+            if is_candidate_key(self._prefix, bytes(kv.key)):
+                return bytes(kv.key), int(resp.header.revision)
+        return None, int(resp.header.revision)
 
     def _wait_delete(self, key: bytes, start_revision: int) -> None:
         watch = self._client.watch(key, start_revision=start_revision, no_put=True)
