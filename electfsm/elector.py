@@ -14,7 +14,7 @@ import attrs
 from electfsm.campaign import compare_create, op_range
 from electfsm.config import ElectorConfig
 from electfsm.dispatcher import Dispatcher
-from electfsm.errors import ElectorStopped, EtcdError, NotLeaderError
+from electfsm.errors import ConfigError, ElectorStopped, EtcdError, NotLeaderError
 from electfsm.etcd import EtcdClient
 from electfsm.events import ErrorReported, Event, LeaderInfo, Resign, Stop
 from electfsm.hooks import HookMethods, Hooks
@@ -53,22 +53,35 @@ class Elector(HookMethods):
             elector.wait_for("leader", "follower", timeout=10)
             print(elector.state, elector.leader)
 
+    Electors of one process may share a connection: ``client=EtcdClient.connect([...])``
+    (the caller closes it after stopping them).
+
     Three threads (session-watch, campaign, observe) only put events on one queue; one
     dispatcher thread applies them to the machine and runs the hooks, so transitions never
     run concurrently. See :data:`electfsm.machine.TABLE` for every transition.
     """
 
-    def __init__(self, *, endpoints: str | Sequence[str], election: str, identity: str | bytes,
-                 ttl: int = 10, margin: float | None = None, call_timeout: float = 2.0,
-                 backoff_max: float = 2.0, tls: TLS | None = None,
-                 auth: Auth | None = None) -> None:
+    def __init__(self, *, election: str, identity: str | bytes,
+                 endpoints: str | Sequence[str] | None = None, ttl: int = 10,
+                 margin: float | None = None, call_timeout: float = 2.0,
+                 backoff_max: float = 2.0, tls: TLS | None = None, auth: Auth | None = None,
+                 client: EtcdClient | None = None) -> None:
+        if client is not None:
+            if endpoints is not None or tls is not None or auth is not None:
+                raise ConfigError("pass either client= (a shared connection) or "
+                                  "endpoints/tls/auth, not both")
+            endpoints, call_timeout = list(client.hosts), client.timeout
+        if endpoints is None:
+            raise ConfigError("endpoints is empty: give at least one etcd endpoint, "
+                              "e.g. endpoints=['127.0.0.1:2379']")
         self.config = ElectorConfig(endpoints=endpoints, election=election, identity=identity,
                                     ttl=ttl, margin=margin, call_timeout=call_timeout,
                                     backoff_max=backoff_max, tls=tls, auth=auth)
         self._hooks = Hooks()
         self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._changed = threading.Condition()
-        self._client = EtcdClient.for_config(self.config)
+        self._owns_client = client is None
+        self._client = client if client is not None else EtcdClient.for_config(self.config)
         self._session = SessionWatch(self._client, self.config, self._queue.put)
         self._observer = Observer(self._client, self.config.election, self._queue.put,
                                   self.config.backoff_max)
@@ -113,7 +126,8 @@ class Elector(HookMethods):
             return
         self._stopped = True
         if not self._started:
-            self._client.close()
+            if self._owns_client:
+                self._client.close()
             return
         self._queue.put(Stop())
         if threading.current_thread() is not self._thread:
@@ -245,7 +259,8 @@ class Elector(HookMethods):
         self._observer.stop(timeout)
         for worker in self._workers:
             worker.join(timeout)
-        self._client.close()
+        if self._owns_client:
+            self._client.close()
 
     def _run_work(self, work: Callable[[Term], Any], term: Term) -> None:
         try:

@@ -27,7 +27,7 @@ from electfsm.errors import (
     PermissionDenied,
     WatchCompacted,
 )
-from electfsm.security import Auth
+from electfsm.security import TLS, Auth
 
 log = logging.getLogger("electfsm.etcd")
 
@@ -105,6 +105,19 @@ class EtcdClient:
         self._channel: Any = None
         self._stubs: dict[str, Any] = {}
         self._connect()
+
+    @classmethod
+    def connect(cls, endpoints: str | Sequence[str], *, tls: TLS | None = None,
+                auth: Auth | None = None, timeout: float = 2.0) -> EtcdClient:
+        """A connection to share among several electors of one process::
+
+            client = EtcdClient.connect(["127.0.0.1:2379"])
+            shards = [Elector(client=client, election=f"shard/{i}", identity="node-a")
+                      for i in range(100)]
+        """
+        config = ElectorConfig(endpoints=endpoints, election="x", identity="x",
+                               call_timeout=timeout, tls=tls, auth=auth)
+        return cls.for_config(config)
 
     @classmethod
     def for_config(cls, config: ElectorConfig) -> EtcdClient:

@@ -417,3 +417,29 @@ def test_run_while_leader_work_is_cancelled_when_leadership_ends(
     while len(tokens) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(tokens) == 2 and tokens[0] < tokens[1], "a fresh term, a larger token"
+
+
+def test_electors_can_share_one_connection(etcd: LocalEtcd, election: str) -> None:
+    client = EtcdClient.connect([etcd.endpoint])
+    shards = [Elector(client=client, election=f"{election}/shard-{i}", identity="node-a",
+                      ttl=2) for i in range(5)]
+    try:
+        for e in shards:
+            e.start()
+        assert all(e.wait_for("leader", timeout=5) for e in shards)
+    finally:
+        for e in shards:
+            e.stop()
+    assert client.status().header.revision > 0, "stopping electors left the shared client open"
+    client.close()
+
+
+def test_client_and_endpoints_together_are_refused(etcd: LocalEtcd) -> None:
+    from electfsm import ConfigError
+
+    client = EtcdClient.connect([etcd.endpoint])
+    try:
+        with pytest.raises(ConfigError, match="either client"):
+            Elector(client=client, endpoints=[etcd.endpoint], election="x", identity="n")
+    finally:
+        client.close()
