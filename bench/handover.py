@@ -65,9 +65,13 @@ def watch_floor(endpoint: str, runs: int) -> list[float]:
     return out
 
 
-def handovers(endpoint: str, runs: int) -> list[float]:
-    a = Elector(endpoints=[endpoint], election="bench/handover", identity="a", ttl=5)
-    b = Elector(endpoints=[endpoint], election="bench/handover", identity="b", ttl=5)
+def handovers(endpoint: str, runs: int, how: str = "resign") -> list[float]:
+    """Leader steps down (``how="resign"``) or its key is deleted by hand (``"delete"``) →
+    the successor's on_enter_leader runs."""
+    election = f"bench/handover-{how}"
+    a = Elector(endpoints=[endpoint], election=election, identity="a", ttl=5)
+    b = Elector(endpoints=[endpoint], election=election, identity="b", ttl=5)
+    raw = EtcdClient([endpoint], timeout=5)
     entered: dict[str, float] = {}
     ready = threading.Condition()
 
@@ -90,8 +94,12 @@ def handovers(endpoint: str, runs: int) -> list[float]:
         for _ in range(runs):
             leader, successor = (a, b) if a.state == "leader" else (b, a)
             entered.pop(successor.identity, None)
+            key = leader.term.key.encode() if leader.term else b""
             start = time.monotonic()
-            leader.resign()
+            if how == "resign":
+                leader.resign()
+            else:
+                raw.delete(key)
             with ready:
                 ready.wait_for(lambda s=successor: s.identity in entered, timeout=10)
             out.append(entered[successor.identity] - start)
@@ -100,13 +108,14 @@ def handovers(endpoint: str, runs: int) -> list[float]:
     finally:
         a.stop()
         b.stop()
+        raw.close()
     return out
 
 
 def failovers(endpoint: str, kills: int, ttl: int) -> list[float]:
     out = []
     for i in range(kills):
-        election = f"bench/failover/{i}"
+        election = f"bench/failover/{ttl}-{i}"
         proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "candidate.py"),
                                  endpoint, election, "doomed", str(ttl)],
                                 stdout=subprocess.PIPE, text=True)
@@ -141,11 +150,13 @@ def main() -> int:
     with LocalEtcd() as etcd:
         floor = watch_floor(etcd.endpoint, args.runs)
         hand = handovers(etcd.endpoint, args.runs)
+        deleted = handovers(etcd.endpoint, args.runs, how="delete")
         fail = failovers(etcd.endpoint, args.kills, args.ttl)
     print(f"etcd delete → watch event (floor):  {summary(floor)}")
     print(f"resign → successor's on_enter_leader: {summary(hand)}")
     ratio = statistics.median(hand) / statistics.median(floor)
     print(f"  ratio to the floor (medians): {ratio:.1f}x")
+    print(f"leader key deleted → successor leads:  {summary(deleted)}")
     print(f"SIGKILL leader → survivor leads (ttl {args.ttl}s): {summary(fail)}")
     print(f"  ratio to the TTL (medians): {statistics.median(fail) / args.ttl:.2f}x")
     return 0

