@@ -109,6 +109,7 @@ class Campaign:
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
         backoff = Backoff(self._config.backoff_max)
+        last_error = ""
         while True:
             with self._cond:
                 while not self._want and not self._cancelled:
@@ -127,6 +128,7 @@ class Campaign:
                             self._resign = None
                 self._campaign()
                 backoff.reset()
+                last_error = ""
             except LeaseNotFound:
                 return  # session-watch sees the loss too and starts a new session
             except _KeyGone:
@@ -135,8 +137,11 @@ class Campaign:
             except EtcdError as exc:
                 if self._cancelled:
                     return
-                log.info("%s: campaign step failed, retrying: %s", self._config.election, exc)
-                self._emit(ErrorReported(error=exc, where="campaign"))
+                if str(exc) != last_error:  # report each new problem once, not every retry
+                    log.warning("%s: campaign step failed, retrying: %s",
+                                self._config.election, exc)
+                    self._emit(ErrorReported(error=exc, where="campaign"))
+                    last_error = str(exc)
                 with self._cond:
                     self._want = True
                     self._cond.wait(backoff.next())
