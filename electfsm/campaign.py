@@ -190,23 +190,29 @@ class Campaign:
         returns the newest candidate older than us (None: we lead) and the read's revision.
 
         The same read that finds nobody older confirms leadership, so we never report it on
-        a key that expired while we waited (Go's Campaign does: etcd #19597).
+        a key that expired while we waited (Go's Campaign does: etcd #19597). It is a plain
+        Range, not a read-only Txn: etcd <= 3.5.4 panics when a client's deadline cancels a
+        read-only Txn while it runs (etcd #14110).
         """
-        resp = self._client.txn([], [
-            op_range(self.key),
-            op_range(self._prefix, self._end, max_create_revision=revision - 1, keys_only=True,
-                     sort_target=etcdrpc.RangeRequest.CREATE,
-                     sort_order=etcdrpc.RangeRequest.DESCEND),
-        ], what=f"read who is ahead of {self.key!r}")
-        ours = resp.responses[0].response_range.kvs
-        if not ours or ours[0].create_revision != revision or ours[0].lease != self._lease:
+        limit = 8  # our key and the next older one, plus room for nested elections' keys
+        while True:
+            resp = self._client.range(self._prefix, self._end, max_create_revision=revision,
+                                      sort_target="CREATE", sort_order="DESCEND",
+                                      keys_only=True, limit=limit,
+                                      what=f"read who is ahead of {self.key!r}")
+            candidates = [kv for kv in resp.kvs
+                          if is_candidate_key(self._prefix, bytes(kv.key))]
+            if len(candidates) >= 2 or not resp.more or limit == 0:
+                break
+            limit = 0  # nested elections filled the page: read them all once
+        ours = candidates[0] if candidates else None
+        if (ours is None or bytes(ours.key) != self.key or ours.create_revision != revision
+                or ours.lease != self._lease):
             log.info("%s: our key %r is gone or changed while campaigning; not leader",
                      self._config.election, self.key)
             raise _KeyGone()
-        for kv in resp.responses[1].response_range.kvs:
-            if is_candidate_key(self._prefix, bytes(kv.key)):
-                return bytes(kv.key), int(resp.header.revision)
-        return None, int(resp.header.revision)
+        older = candidates[1] if len(candidates) > 1 else None
+        return (bytes(older.key) if older is not None else None), int(resp.header.revision)
 
     def _wait_delete(self, key: bytes, start_revision: int) -> None:
         watch = self._client.watch(key, start_revision=start_revision, no_put=True)

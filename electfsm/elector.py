@@ -255,10 +255,12 @@ class Elector(HookMethods):
 
     def _teardown(self) -> None:
         timeout = self.config.call_timeout + 1
-        self._session.stop(timeout + self.config.call_timeout, revoke=self._revoke)
-        self._observer.stop(timeout)
+        # The term is cancelled by now. Let run_while_leader work finish while the lease
+        # (and so our key) still holds the election: the next leader's work cannot overlap.
         for worker in self._workers:
             worker.join(timeout)
+        self._session.stop(timeout + self.config.call_timeout, revoke=self._revoke)
+        self._observer.stop(timeout)
         if self._owns_client:
             self._client.close()
 

@@ -38,7 +38,7 @@ REQUIRE_LEADER = (("hasleader", "true"),)
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # Reconnect quickly after etcd comes back (gRPC's default backoff grows to 120 s).
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 5000),  # also the connect timeout
     ("grpc.max_reconnect_backoff_ms", 1000),
     # Find a dead peer under a long-lived watch. etcd refuses pings more often than every 5 s.
     ("grpc.keepalive_time_ms", 10_000),
@@ -161,7 +161,8 @@ class EtcdClient:
         if channel is self._channel:
             self._last_answer = time.monotonic()
 
-    def _failed(self, channel: Any, *, timed_out: bool = False) -> None:
+    def _failed(self, channel: Any, *, timed_out: bool = False,
+                waited: float | None = None) -> None:
         """Do not trust ``channel`` again: close it and connect anew (to the next host).
 
         A timeout alone is not proof of a dead link when other calls on the same channel
@@ -171,7 +172,8 @@ class EtcdClient:
         with self._lock:
             if self._closed or channel is not self._channel:
                 return  # someone else already rebuilt it
-            if timed_out and time.monotonic() - self._last_answer < self.timeout:
+            window = self.timeout if waited is None else min(self.timeout, waited)
+            if timed_out and time.monotonic() - self._last_answer < window:
                 return
             old = self._channel
             self._index = (self._index + 1) % len(self.hosts)
@@ -222,7 +224,8 @@ class EtcdClient:
         details = (exc.details() if hasattr(exc, "details") else "") or ""
         where = f"etcd at {self.hosts[self._index]}"
         if code in _UNAVAILABLE:
-            self._failed(channel, timed_out=code == grpc.StatusCode.DEADLINE_EXCEEDED)
+            self._failed(channel, timed_out=code == grpc.StatusCode.DEADLINE_EXCEEDED,
+                         waited=timeout)
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return EtcdUnavailable(f"{what}: {where} did not answer within {timeout}s; "
                                        "is it running and reachable?")
@@ -279,14 +282,14 @@ class EtcdClient:
     def range(self, key: bytes, range_end: bytes = b"", *, limit: int = 0,
               sort_target: str = "KEY", sort_order: str = "NONE", keys_only: bool = False,
               max_create_revision: int = 0, revision: int = 0,
-              timeout: float | None = None) -> Any:
+              timeout: float | None = None, what: str | None = None) -> Any:
         request = etcdrpc.RangeRequest(
             key=key, range_end=range_end, limit=limit, keys_only=keys_only,
             sort_target=getattr(etcdrpc.RangeRequest, sort_target),
             sort_order=getattr(etcdrpc.RangeRequest, sort_order),
             max_create_revision=max_create_revision, revision=revision,
         )
-        return self._unary("kv", "Range", request, f"read {key!r}", timeout)
+        return self._unary("kv", "Range", request, what or f"read {key!r}", timeout)
 
     def put(self, key: bytes, value: bytes, *, lease: int = 0,
             timeout: float | None = None) -> Any:

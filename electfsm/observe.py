@@ -105,24 +105,32 @@ class Observer:
             self._watch = watch
         try:
             for wresp in watch:
+                touched: set[bytes] = set()
                 for ev in wresp.events:
                     key = bytes(ev.kv.key)
                     if not is_candidate_key(self._prefix, key):
                         continue
+                    touched.add(key)
                     if ev.type == kv_pb2.Event.DELETE:
                         candidates.pop(key, None)
                     else:
                         candidates[key] = ev.kv
-                self._report(candidates, int(wresp.header.revision))
+                self._report(candidates, int(wresp.header.revision), touched)
         finally:
             watch.cancel()
             with self._lock:
                 self._watch = None
 
-    def _report(self, candidates: dict[bytes, Any], revision: int) -> None:
+    def _report(self, candidates: dict[bytes, Any], revision: int,
+                touched: set[bytes] | None = None) -> None:
+        """Tell the dispatcher who leads. Skipped only when neither the leader nor its key
+        changed: a response that both deleted and re-created the leader's key (or touched
+        it in any way) is always reported, so no deletion can hide behind a later put."""
         leader = leader_of(candidates)
         now = None if leader is None else (leader.key, leader.create_revision, leader.value)
-        if self._reported and now == self._last:
+        last_key = None if self._last is None else self._last[0].encode()
+        if (self._reported and now == self._last
+                and (not touched or last_key is None or last_key not in touched)):
             return
         self._last, self._reported = now, True
         self._emit(LeaderSeen(leader=leader, revision=revision))

@@ -147,8 +147,11 @@ class SessionWatch:
             if now < next_at:
                 continue
             try:
+                # half the time left at most: a hung endpoint must leave room to retry on
+                # the next one before the deadline
                 granted = self._client.keepalive(
-                    lease, timeout=min(self._config.call_timeout, max(0.05, deadline - now)))
+                    lease, timeout=min(self._config.call_timeout,
+                                       max(0.05, (deadline - now) / 2)))
             except LeaseNotFound:
                 return "etcd no longer knows the lease"
             except EtcdError as exc:
