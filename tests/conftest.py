@@ -6,10 +6,12 @@ import logging
 import re
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from electfsm.chaos import Lab
 from electfsm.embedded import LocalEtcd, find_etcdctl_binary
 
 
@@ -47,6 +49,25 @@ def election(request: pytest.FixtureRequest) -> str:
     """A unique election name for this test, made of ``[A-Za-z0-9_/-]`` only."""
     raw = f"test/{request.node.name}-{uuid.uuid4().hex[:8]}"
     return re.sub(r"[^A-Za-z0-9_/-]", "_", raw)
+
+
+@pytest.fixture
+def make_lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Lab]]:
+    """``make_lab(endpoints=None, **Lab kwargs)``: a started fault-injection lab
+    (:class:`electfsm.chaos.Lab`) on the given endpoints, else on the session's etcd."""
+    labs: list[Lab] = []
+
+    def make(endpoints: list[str] | None = None, **kwargs: Any) -> Lab:
+        if endpoints is None:
+            endpoints = [request.getfixturevalue("etcd").endpoint]
+        name = f"sc/{request.node.name}-{len(labs)}".replace("[", "_").replace("]", "_")
+        lab = Lab(tmp_path / f"lab{len(labs)}", endpoints=endpoints, name=name, **kwargs)
+        labs.append(lab)
+        return lab.start()
+
+    yield make
+    for lab in labs:
+        lab.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,769 @@
+"""A candidate in its own process, logging every transition and hook call, for fault tests.
+
+Run one by hand::
+
+    python -m electfsm.candidate --endpoints 127.0.0.1:2379 --election jobs --identity a \\
+        --ttl 2 --log a.jsonl --fenced 127.0.0.1:7000 --guarded-set jobs-set
+
+or from a test, through :class:`CandidateProcess`::
+
+    from electfsm.candidate import CandidateProcess
+
+    c = CandidateProcess(identity="a", endpoints=[etcd.endpoint], election="jobs", ttl=2,
+                         log_path=tmp / "a.jsonl").start()
+    c.wait_for(lambda ev: ev["kind"] == "enter_leader", timeout=5)
+    c.pause(); c.resume()          # SIGSTOP / SIGCONT
+    c.kill()                       # SIGKILL (recorded in the harness log)
+    c.terminate()                  # SIGTERM: the elector stops, revoking its lease
+
+Why a process: SIGSTOP, SIGKILL, ``faketime`` and cgroups then apply to one candidate only.
+
+Each line of the log is one JSON object with ``mono`` (``time.monotonic()``, system-wide on
+Linux, so the logs of several processes merge by it), ``wall``, ``pid``, ``identity``,
+``inc`` (this incarnation: ``identity#pid``) and ``kind``:
+
+- ``start`` / ``stopped`` (with the electfsm threads still alive after ``stop()``);
+- ``transition``: ``source``, ``dest``, ``trigger``, ``reason`` (and ``revision`` for
+  ``elected``: the revision of the read that confirmed our key first);
+- ``enter_leader`` / ``exit_leader``: the term's ``token``, ``key``, ``lease``,
+  ``generation``, ``deadline`` (and ``ended_by`` on exit);
+- ``leader_change``, ``error``;
+- ``renew`` (the term's deadline moved later) and ``invalid`` (``is_leader`` turned false),
+  from a monitor thread that polls every ``--monitor-interval`` seconds;
+- while leader, every ``--work-interval``: ``work`` (after checking ``term.valid``), then a
+  ``fenced_write`` to ``--fenced`` with the token and a ``guarded_append`` through
+  ``Elector.fenced_txn`` to ``--guarded-set`` (key ``<set>/<inc>-<n>``), each with ``start``
+  (monotonic time the action began), ``deadline`` and the outcome;
+- ``control``: on SIGUSR1 the candidate resigns and tries a guarded proclaim
+  (``If(create_revision(key) == token) Then Put(key)``) with its latest term, stale or not;
+- ``stall``: on SIGUSR2 the leader's work callback stalls ``--stall`` seconds, either
+  sleeping (other threads run) or holding the GIL (a stop-the-world pause, like a GC).
+
+Every hook line carries ``hook``, ``thread`` and ``depth`` (hooks running at once in this
+process, 1 unless two ran concurrently). Lines are flushed one by one, so SIGKILL loses at
+most the line being written. Under ``faketime`` the process's clocks are fake: then log to
+stdout (``--log -``) and let :class:`CandidateProcess` stamp each line with its own
+``recv_mono``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from etcd3 import etcdrpc
+
+from electfsm import ops
+from electfsm.campaign import compare_create
+from electfsm.dispatcher import Change
+from electfsm.elector import Elector
+from electfsm.errors import EtcdError, NotLeaderError
+from electfsm.etcd import EtcdClient
+from electfsm.events import LeaderInfo
+from electfsm.fenced import FencedClient
+from electfsm.security import Auth
+from electfsm.term import Term
+
+__all__ = ["CandidateProcess", "EventLog", "event_time", "faketime_problem", "read_events"]
+
+_ELECTED_AT = re.compile(r"revision (\d+)")
+PASSWORD_ENV = "ELECTFSM_CANDIDATE_PASSWORD"
+
+
+class EventLog:
+    """JSON lines to a file (or a stream), one ``write`` per event, flushed at once."""
+
+    def __init__(self, target: str | IO[str], **fixed: Any) -> None:
+        if isinstance(target, str):
+            if target == "-":
+                self._out: IO[str] = sys.stdout
+                self._owned = False
+            else:
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+                self._out = open(target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+                self._owned = True
+        else:
+            self._out, self._owned = target, False
+        self._fixed = fixed
+        self._lock = threading.Lock()
+
+    def write(self, kind: str, **fields: Any) -> dict[str, Any]:
+        record = {"mono": time.monotonic(), "wall": time.time(), **self._fixed, "kind": kind,
+                  **fields}
+        line = json.dumps(record, default=str)
+        with self._lock:
+            if not self._out.closed:
+                self._out.write(line + "\n")
+                self._out.flush()
+        return record
+
+    def close(self) -> None:
+        with self._lock:
+            if self._owned:
+                self._out.close()
+
+
+def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The complete JSON lines of a log (a line cut short by SIGKILL is skipped)."""
+    out: list[dict[str, Any]] = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    break
+                with contextlib.suppress(ValueError):
+                    out.append(json.loads(line))
+    except FileNotFoundError:
+        pass
+    return out
+
+
+# --------------------------------------------------------------------------- in the process
+
+
+class Candidate:
+    """One elector with logging hooks, a monitor thread and leader work (the process's body)."""
+
+    def __init__(self, args: argparse.Namespace, log: EventLog) -> None:
+        self.args = args
+        self.log = log
+        auth = None
+        if args.user:
+            auth = Auth(user=args.user, password=os.environ.get(PASSWORD_ENV, ""))
+        self.elector = Elector(endpoints=args.endpoints, election=args.election,
+                               identity=args.identity, ttl=args.ttl, margin=args.margin,
+                               call_timeout=args.call_timeout, backoff_max=args.backoff_max,
+                               auth=auth)
+        self.inc = f"{args.identity}#{os.getpid()}"
+        self.fenced = FencedClient(args.fenced, timeout=0.5) if args.fenced else None
+        self._raw: EtcdClient | None = None
+        self._raw_auth = auth
+        self._depth = 0
+        self._n = 0
+        self._depth_lock = threading.Lock()
+        self.last_term: Term | None = None
+        self._stall_pending = threading.Event()
+        self._stall_on_enter = args.stall_on_enter
+        self._stopping = threading.Event()
+        self._monitor = threading.Thread(target=self._watch_term, daemon=True,
+                                         name="candidate-monitor")
+        self._register()
+
+    # ------------------------------------------------------------------ hooks
+    def _hook(self, name: str, fn: Callable[..., dict[str, Any]]) -> Callable[..., None]:
+        def run(*args: Any) -> None:
+            mono, wall = time.monotonic(), time.time()  # the hook's start, not its end
+            with self._depth_lock:
+                self._depth += 1
+                depth = self._depth
+            try:
+                fields = fn(*args)
+                if fields:
+                    kind = fields.pop("kind")
+                    self.log.write(kind, hook=name, thread=threading.current_thread().name,
+                                   depth=depth, mono=mono, wall=wall, **fields)
+            finally:
+                with self._depth_lock:
+                    self._depth -= 1
+        return run
+
+    def _register(self) -> None:
+        e = self.elector
+        for state in ("candidate", "follower", "disconnected"):
+            getattr(e, f"on_enter_{state}")(self._hook(f"enter_{state}", self._entered))
+            getattr(e, f"on_exit_{state}")(self._hook(f"exit_{state}", self._exited))
+        e.on_enter_leader(self._hook("enter_leader", self._enter_leader))
+        e.on_exit_leader(self._hook("exit_leader", self._exit_leader))
+        e.on_leader_change(self._hook("leader_change", self._leader_change))
+        e.on_error(self._hook("error", self._error))
+        e.run_while_leader(self._work)
+
+    @staticmethod
+    def _transition(change: Change) -> dict[str, Any]:
+        fields: dict[str, Any] = {"kind": "transition", "source": change.source,
+                                  "dest": change.dest, "trigger": change.trigger,
+                                  "reason": change.reason}
+        if change.trigger == "elected":
+            m = _ELECTED_AT.search(change.reason)
+            if m:
+                fields["revision"] = int(m.group(1))
+        return fields
+
+    def _entered(self, change: Change) -> dict[str, Any]:
+        return self._transition(change)
+
+    def _exited(self, change: Change) -> dict[str, Any]:
+        if change.dest != "leader":  # logged by the enter hook of the destination
+            return {}
+        return self._transition(change)
+
+    def _term_fields(self, term: Term) -> dict[str, Any]:
+        return {"token": term.token, "key": term.key, "lease": term.lease,
+                "generation": term.generation, "deadline": term.deadline}
+
+    def _enter_leader(self, term: Term) -> dict[str, Any]:
+        self.last_term = term
+        fields = {"kind": "enter_leader", **self._term_fields(term)}
+        if self._stall_on_enter > 0:
+            stall, self._stall_on_enter = self._stall_on_enter, 0.0
+            self.log.write("stall", phase="begin", where="enter_leader", token=term.token,
+                           seconds=stall, mode=self.args.stall_mode)
+            _stall(stall, self.args.stall_mode)
+            self.log.write("stall", phase="end", where="enter_leader", token=term.token,
+                           valid=term.valid)
+        return fields
+
+    def _exit_leader(self, term: Term) -> dict[str, Any]:
+        return {"kind": "exit_leader", "token": term.token, "key": term.key,
+                "lease": term.lease, "ended_by": term.ended_by}
+
+    @staticmethod
+    def _leader_change(old: LeaderInfo | None, new: LeaderInfo | None) -> dict[str, Any]:
+        return {"kind": "leader_change", "old": old.identity if old else None,
+                "new": new.identity if new else None,
+                "new_token": new.create_revision if new else None}
+
+    @staticmethod
+    def _error(exc: BaseException) -> dict[str, Any]:
+        return {"kind": "error", "error": type(exc).__name__, "message": str(exc)[:300]}
+
+    # ------------------------------------------------------------------ leader work
+    def _next(self) -> int:
+        """A number unique in this process: guarded keys of two terms never collide."""
+        with self._depth_lock:
+            self._n += 1
+            return self._n
+
+    def _work(self, term: Term) -> None:
+        while not term.cancelled.wait(self.args.work_interval):
+            if self._stall_pending.is_set():
+                self._stall_pending.clear()
+                self.log.write("stall", phase="begin", where="work", token=term.token,
+                               seconds=self.args.stall, mode=self.args.stall_mode)
+                _stall(self.args.stall, self.args.stall_mode)
+                self.log.write("stall", phase="end", where="work", token=term.token,
+                               valid=term.valid)
+            if not term.valid:
+                self.log.write("work_refused", token=term.token, remaining=term.remaining())
+                continue
+            n = self._next()
+            self.log.write("work", token=term.token, n=n, deadline=term.deadline)
+            if self.fenced is not None:
+                self._fenced_write(term, n)
+            if self.args.guarded_set:
+                self._guarded_append(term, n)
+
+    def _fenced_write(self, term: Term, n: int) -> None:
+        assert self.fenced is not None
+        if not term.valid:
+            return
+        start, deadline = time.monotonic(), term.deadline
+        try:
+            ok = self.fenced.write(token=term.token, identity=self.args.identity,
+                                   payload={"inc": self.inc, "n": n})
+        except OSError as exc:
+            self.log.write("fenced_write", token=term.token, n=n, start=start,
+                           deadline=deadline, result="error", error=str(exc)[:200])
+            return
+        self.log.write("fenced_write", token=term.token, n=n, start=start, deadline=deadline,
+                       result="accepted" if ok else "rejected")
+
+    def _guarded_append(self, term: Term, n: int) -> None:
+        if not term.valid:
+            return
+        key = f"{self.args.guarded_set}/{self.inc}-{n}"
+        value = json.dumps({"token": term.token, "inc": self.inc, "n": n})
+        start, deadline = time.monotonic(), term.deadline
+        fields: dict[str, Any] = {"token": term.token, "n": n, "key": key, "start": start,
+                                  "deadline": deadline}
+        try:
+            result = self.elector.fenced_txn(success=[ops.put(key, value)])
+        except NotLeaderError as exc:
+            self.log.write("guarded_append", **fields, result="not_leader",
+                           error=str(exc)[:200])
+            return
+        except EtcdError as exc:  # ambiguous: it may or may not have been applied
+            self.log.write("guarded_append", **fields, result="unknown", error=str(exc)[:200])
+            return
+        self.log.write("guarded_append", **fields,
+                       result="ack" if result.succeeded else "failed",
+                       revision=result.revision)
+
+    # ------------------------------------------------------------------ monitor
+    def _watch_term(self) -> None:
+        token: int | None = None
+        deadline = float("-inf")
+        was_valid = False
+        next_stats = 0.0
+        while not self._stopping.wait(self.args.monitor_interval):
+            term = self.elector.term
+            now = time.monotonic()
+            if term is not None:
+                if term.token != token:
+                    token, deadline, was_valid = term.token, float("-inf"), True
+                d = term.deadline
+                if d > deadline and d != float("inf"):
+                    deadline = d
+                    self.log.write("renew", token=term.token, deadline=d)
+            valid = term is not None and term.valid
+            if was_valid and not valid:
+                self.log.write("invalid", token=token, state=self.elector.state)
+            was_valid = valid
+            if now >= next_stats:
+                next_stats = now + 1.0
+                self.log.write("stats", threads=threading.active_count(),
+                               electfsm_threads=_electfsm_threads(),
+                               state=self.elector.state)
+
+    # ------------------------------------------------------------------ control
+    def request_stall(self) -> None:
+        self._stall_pending.set()
+
+    def control(self) -> None:
+        """Resign, then try a guarded proclaim with the latest term (stale or not)."""
+        term = self.last_term
+        token = term.token if term is not None else None
+        state = self.elector.state
+        current = self.elector.term
+        self.log.write("control", op="resign", token=token, state=state,
+                       current=current is not None and current is term,
+                       valid=bool(current is not None and current.valid),
+                       start=time.monotonic())
+        self.elector.resign(timeout=2.0)
+        self.log.write("control_done", op="resign", token=token, state=self.elector.state)
+        if term is None:
+            return
+        if self._raw is None:
+            self._raw = EtcdClient(list(self.elector.config.hosts),
+                                   timeout=self.args.call_timeout, auth=self._raw_auth)
+        key = term.key.encode()
+        start = time.monotonic()
+        try:
+            resp = self._raw.txn(
+                [compare_create(key, term.token)],
+                [etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(
+                    key=key, value=self.args.identity.encode(), lease=term.lease))],
+                what="stale proclaim")
+            result = "applied" if resp.succeeded else "rejected"
+            revision = int(resp.header.revision)
+        except EtcdError as exc:
+            result, revision = f"error: {str(exc)[:150]}", 0
+        self.log.write("control", op="proclaim", token=token, state=self.elector.state,
+                       result=result, revision=revision, start=start)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.log.write("start", election=self.args.election, ttl=self.args.ttl,
+                       margin=self.args.margin, endpoints=self.args.endpoints,
+                       call_timeout=self.args.call_timeout)
+        self._monitor.start()
+        self.elector.start()
+
+    def stop(self, *, revoke: bool = True) -> None:
+        self.elector.stop(revoke=revoke)
+        self._stopping.set()
+        self._monitor.join(2.0)
+        if self._raw is not None:
+            self._raw.close()
+        if self.fenced is not None:
+            self.fenced.close()
+        self.log.write("stopped", leftover=_electfsm_threads(), state=self.elector.state,
+                       transitions=self.elector.transitions)
+
+
+def _electfsm_threads() -> list[str]:
+    return sorted(t.name for t in threading.enumerate()
+                  if t.name.startswith("electfsm-") and t.is_alive())
+
+
+def _stall(seconds: float, mode: str) -> None:
+    """Stall the calling thread: ``sleep`` (the GIL is released: other threads go on) or
+    ``gil`` (busy, never letting another Python thread run: a stop-the-world pause)."""
+    end = time.monotonic() + seconds
+    if mode == "sleep":
+        time.sleep(seconds)
+        return
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(seconds + 5.0)
+    try:
+        while time.monotonic() < end:
+            pass
+    finally:
+        sys.setswitchinterval(old)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _endpoints(text: str) -> list[str]:
+    return [e.strip() for e in text.split(",") if e.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m electfsm.candidate",
+                                description="One logged elector, for fault-injection tests.")
+    p.add_argument("--endpoints", type=_endpoints, required=True, help="A,B,... (host:port)")
+    p.add_argument("--election", required=True)
+    p.add_argument("--identity", required=True)
+    p.add_argument("--ttl", type=int, default=2)
+    p.add_argument("--margin", type=float, default=None)
+    p.add_argument("--call-timeout", type=float, default=0.5)
+    p.add_argument("--backoff-max", type=float, default=0.5)
+    p.add_argument("--log", required=True, help="JSON-lines file, or - for stdout")
+    p.add_argument("--fenced", default=None, help="HOST:PORT of a FencedResource")
+    p.add_argument("--guarded-set", default=None, help="key prefix for guarded appends")
+    p.add_argument("--work-interval", type=float, default=0.1)
+    p.add_argument("--monitor-interval", type=float, default=0.02)
+    p.add_argument("--stall", type=float, default=4.0, help="seconds a SIGUSR2 stall lasts")
+    p.add_argument("--stall-mode", choices=("sleep", "gil"), default="gil")
+    p.add_argument("--stall-on-enter", type=float, default=0.0,
+                   help="the first on_enter_leader hook stalls this long")
+    p.add_argument("--harness-pid", type=int, default=0,
+                   help="stop when this process is gone (the test that started us)")
+    p.add_argument("--user", default=None,
+                   help=f"etcd user (password from ${PASSWORD_ENV})")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(threadName)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("transitions").setLevel(logging.WARNING)
+    log = EventLog(args.log, pid=os.getpid(), identity=args.identity,
+                   inc=f"{args.identity}#{os.getpid()}")
+    candidate = Candidate(args, log)
+    done = threading.Event()
+    control = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    signal.signal(signal.SIGUSR1, lambda *_: control.set())
+    signal.signal(signal.SIGUSR2, lambda *_: candidate.request_stall())
+    candidate.start()
+    next_check = 0.0
+    while not done.is_set():
+        if control.wait(0.05):
+            control.clear()
+            candidate.control()
+        if args.harness_pid and time.monotonic() >= next_check:
+            next_check = time.monotonic() + 0.5
+            if not _alive(args.harness_pid):  # orphaned: never outlive the harness
+                log.write("orphaned", harness_pid=args.harness_pid)
+                break
+    candidate.stop()
+    log.close()
+    return 0
+
+
+# --------------------------------------------------------------------------- harness side
+
+
+class CandidateProcess:
+    """Starts ``python -m electfsm.candidate`` and injects process faults into it.
+
+    ``log_path`` receives the candidate's events. With ``faketime`` (a ``faketime -f`` spec
+    such as ``"+5m"`` or ``"+0 x0.8"``, needs Debian's ``faketime``) the candidate logs to
+    stdout and a reader thread here adds ``recv_mono`` (and ``clock_rate``) to each line,
+    because a faked process's monotonic clock is not comparable with the others'. Only the
+    wall clock is faked unless ``fake_monotonic`` (see :func:`faketime_problem`: Python's
+    timed waits may not work then).
+    ``harness_log`` (an :class:`EventLog`) records kills, pauses and resumes with the time
+    they were done.
+    """
+
+    def __init__(self, *, identity: str, endpoints: Sequence[str], election: str,
+                 log_path: str | os.PathLike[str], ttl: int = 2, margin: float | None = None,
+                 call_timeout: float = 0.5, backoff_max: float = 0.5,
+                 fenced: str | None = None, guarded_set: str | None = None,
+                 work_interval: float = 0.1, monitor_interval: float = 0.02,
+                 stall: float | None = None, stall_mode: str = "gil",
+                 stall_on_enter: float = 0.0, faketime: str | None = None,
+                 fake_monotonic: bool = False,
+                 user: str | None = None, password: str | None = None,
+                 harness_log: EventLog | None = None,
+                 stderr_path: str | os.PathLike[str] | None = None) -> None:
+        self.identity = identity
+        self.endpoints = list(endpoints)
+        self.election = election
+        self.log_path = str(log_path)
+        self.faketime = faketime
+        self.harness_log = harness_log
+        self.stderr_path = str(stderr_path) if stderr_path else self.log_path + ".stderr"
+        self.ttl = ttl
+        args = ["--endpoints", ",".join(self.endpoints), "--election", election,
+                "--identity", identity, "--ttl", str(ttl), "--call-timeout", str(call_timeout),
+                "--backoff-max", str(backoff_max), "--work-interval", str(work_interval),
+                "--monitor-interval", str(monitor_interval), "--stall-mode", stall_mode,
+                "--stall-on-enter", str(stall_on_enter),
+                "--log", "-" if faketime else self.log_path,
+                "--harness-pid", str(os.getpid())]
+        if margin is not None:
+            args += ["--margin", str(margin)]
+        if fenced:
+            args += ["--fenced", fenced]
+        if guarded_set:
+            args += ["--guarded-set", guarded_set]
+        if stall is not None:
+            args += ["--stall", str(stall)]
+        if user:
+            args += ["--user", user]
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if faketime and not fake_monotonic:
+            self._env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
+        if password is not None:
+            self._env[PASSWORD_ENV] = password
+        cmd = [sys.executable, "-m", "electfsm.candidate", *args]
+        if faketime:
+            tool = shutil.which("faketime")
+            if tool is None:
+                raise RuntimeError("faketime is not installed (Debian: apt-get install faketime)")
+            cmd = [tool, "-m", "-f", faketime, *cmd]
+        self.cmd = cmd
+        self.clock_rate = _clock_rate(faketime)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+        self.killed_at: float | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._cache: list[dict[str, Any]] = []
+        self._offset = 0
+        self._cache_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> CandidateProcess:
+        Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.stderr_path, "ab") as err:
+            self.proc = subprocess.Popen(
+                self.cmd, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if self.faketime else subprocess.DEVNULL,
+                stderr=err, env=self._env, start_new_session=True, close_fds=True)
+        self._finalizer = weakref.finalize(self, _reap, self.proc)
+        if self.faketime:
+            self._reader = threading.Thread(target=self._stamp, daemon=True,
+                                            name=f"candidate-reader-{self.identity}")
+            self._reader.start()
+        return self
+
+    def _stamp(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        with open(self.log_path, "a", buffering=1, encoding="utf-8") as out:
+            for raw in self.proc.stdout:
+                now = time.monotonic()
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    continue
+                record["recv_mono"] = now
+                record["clock_rate"] = self.clock_rate
+                out.write(json.dumps(record) + "\n")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    @property
+    def inc(self) -> str:
+        return f"{self.identity}#{self.pid}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _note(self, kind: str, **fields: Any) -> None:
+        if self.harness_log is not None:
+            self.harness_log.write(kind, inc=self.inc, identity=self.identity, **fields)
+
+    def send(self, sig: int) -> None:
+        """Signal the candidate's process group (``faketime`` runs it as a child)."""
+        if self.alive:
+            assert self.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL; the candidate's lease is left to expire on the server."""
+        if not self.alive:
+            return
+        assert self.proc is not None
+        self.killed_at = time.monotonic()
+        self._note("killed")
+        self.send(signal.SIGKILL)
+        self.proc.wait()
+        self._join_reader()
+
+    def pause(self) -> None:
+        self._note("paused")
+        self.send(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.send(signal.SIGCONT)
+        self._note("resumed")
+
+    def resign(self) -> None:
+        """SIGUSR1: resign, then a guarded proclaim with the latest term (see ``control``)."""
+        self.send(signal.SIGUSR1)
+
+    def stall(self) -> None:
+        """SIGUSR2: the next leader work iteration stalls."""
+        self.send(signal.SIGUSR2)
+
+    def terminate(self, timeout: float = 10.0) -> int | None:
+        """SIGCONT + SIGTERM, wait for a clean stop (SIGKILL after ``timeout``)."""
+        if self.proc is None:
+            return None
+        if self.alive:
+            self.send(signal.SIGCONT)
+            self.send(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._note("killed", why="did not stop after SIGTERM")
+                self.send(signal.SIGKILL)
+                self.proc.wait()
+        self._join_reader()
+        return self.proc.returncode
+
+    def _join_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.join(2.0)
+
+    # ------------------------------------------------------------------ the log
+    def events(self) -> list[dict[str, Any]]:
+        """Every complete event logged so far (read incrementally)."""
+        with self._cache_lock:
+            try:
+                with open(self.log_path, "rb") as f:
+                    f.seek(self._offset)
+                    data = f.read()
+            except FileNotFoundError:
+                return list(self._cache)
+            end = data.rfind(b"\n") + 1
+            for line in data[:end].splitlines():
+                with contextlib.suppress(ValueError):
+                    self._cache.append(json.loads(line))
+            self._offset += end
+            return list(self._cache)
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float,
+                 *, after: float | None = None) -> dict[str, Any] | None:
+        """The first logged event (at ``mono`` >= ``after``) for which ``predicate`` holds,
+        polling the log until ``timeout``; None if none came."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for ev in self.events():
+                if (after is None or event_time(ev) >= after) and predicate(ev):
+                    return ev
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
+
+    def wait_state(self, *states: str, timeout: float, after: float | None = None
+                   ) -> dict[str, Any] | None:
+        """Wait until the candidate logs a transition into one of ``states``."""
+        return self.wait_for(lambda ev: ev["kind"] == "transition" and ev["dest"] in states,
+                             timeout, after=after)
+
+    @property
+    def state(self) -> str:
+        """The destination of the last logged transition (``disconnected`` before any)."""
+        state = "disconnected"
+        for ev in self.events():
+            if ev["kind"] == "transition":
+                state = ev["dest"]
+        return state
+
+    def current_term(self) -> dict[str, Any] | None:
+        """The last ``enter_leader`` event if the candidate leads now (by its log)."""
+        term: dict[str, Any] | None = None
+        for ev in self.events():
+            if ev["kind"] == "enter_leader":
+                term = ev
+            elif ev["kind"] == "exit_leader":
+                term = None
+        return term
+
+    def __repr__(self) -> str:
+        pid = self.proc.pid if self.proc is not None else None
+        return f"<CandidateProcess {self.identity} pid={pid} alive={self.alive}>"
+
+
+@functools.cache
+def faketime_problem(spec: str, *, fake_monotonic: bool) -> str | None:
+    """Why a Python candidate cannot run under ``faketime -f spec`` here, or None if it can.
+
+    Probed for real: a child Python under faketime must finish a 0.2 s
+    ``threading.Event().wait`` (what every electfsm thread uses) within 3 s. libfaketime
+    0.9.10 fakes ``CLOCK_MONOTONIC`` but does not intercept ``sem_clockwait``, which
+    CPython 3.11 uses for timed waits, so with a faked monotonic clock those waits never
+    return.
+    """
+    tool = shutil.which("faketime")
+    if tool is None:
+        return "Debian's faketime is not installed (apt-get install faketime)"
+    env = {**os.environ}
+    if not fake_monotonic:
+        env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
+    code = "import threading; threading.Event().wait(0.2); print('ok')"
+    # its own process group: faketime runs Python as a child, and a hung child must die too
+    proc = subprocess.Popen([tool, "-m", "-f", spec, sys.executable, "-c", code], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=1.5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return (f"under faketime -f {spec!r} with a faked monotonic clock, a Python "
+                "threading.Event().wait(0.2) never returns (libfaketime does not intercept "
+                "sem_clockwait, which CPython uses for timed waits), so no electfsm thread "
+                "could run")
+    if stdout.strip() != "ok":
+        return f"a Python under faketime -f {spec!r} failed: {stderr.strip()[-300:]}"
+    return None
+
+
+def event_time(ev: dict[str, Any]) -> float:
+    """When an event happened on the harness's monotonic clock."""
+    return float(ev.get("recv_mono", ev["mono"]))
+
+
+def _clock_rate(spec: str | None) -> float:
+    if not spec:
+        return 1.0
+    m = re.search(r"x\s*([0-9.]+)", spec)
+    return float(m.group(1)) if m else 1.0
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            proc.wait(5)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
