@@ -24,6 +24,7 @@ sys.path.insert(0, str(HERE))
 import dispatch  # noqa: E402
 import handover  # noqa: E402
 import scale  # noqa: E402
+import stepdown  # noqa: E402
 from common import fmt_ms, fmt_s, stats  # noqa: E402
 
 from electfsm.embedded import LocalEtcd  # noqa: E402
@@ -93,6 +94,17 @@ def main() -> int:
             lines.append(f"| {ttl} s | {fmt_s(fails)} | {statistics.median(fails) / ttl:.2f}x |"
                          f" {stats(fails)['p99'] - ttl:+.3f} s |")
         lines.append("")
+
+        print("step-down margin…", flush=True)
+        steps = stepdown.run(etcd, ttl=2, runs=3 if args.quick else 10)
+        leads = [lead for lead, _ in steps]
+        lines += ["## 3. Step-down margin (the leader's link blackholed, TTL 2 s)", "",
+                  "How long before etcd expired the lease (its key's DELETE, seen by a direct "
+                  "watcher) the leader ran `on_exit_leader`. Baseline: the configured margin "
+                  f"({steps[0][1]} s); etcd adds up to 0.5 s for its expiry sweep.", "",
+                  f"- before expiry: {fmt_s(leads)}; smallest {min(leads):.3f} s "
+                  f"({'> 0 in every run' if min(leads) > 0 else 'NOT > 0 in every run'})",
+                  f"- ratio of the smallest to the margin: {min(leads) / steps[0][1]:.1f}x", ""]
 
         print("dispatch…", flush=True)
         d = dispatch.run()
