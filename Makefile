@@ -4,9 +4,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test diagrams handover bench clean
+.PHONY: demo test diagrams handover cli-handover bench chaos clean
 
+# Fault tests use libfaketime (clock skew) and nftables (packet loss) from Debian when they can
+# be installed (as root, with apt); without them those tests are skipped and say why.
 $(STAMP): pyproject.toml
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    ! { command -v faketime && command -v nft; } >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	        faketime nftables >/dev/null) || echo "faketime/nftables not installed: those tests will skip"; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -25,6 +32,14 @@ diagrams: $(STAMP)
 
 handover: $(STAMP)
 	$(PY) bench/handover.py
+
+cli-handover: $(STAMP)
+	$(PY) bench/cli_handover.py
+
+# Randomized faults: make chaos SEED=7 MINUTES=30 CANDIDATES=5 (same seed, same schedule).
+chaos: $(STAMP)
+	$(PY) -m electfsm.chaos --seed $${SEED:-1} --minutes $${MINUTES:-30} \
+	    --candidates $${CANDIDATES:-5} --out chaos-$${SEED:-1}
 
 bench: $(STAMP)
 	$(PY) bench/run.py
