@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from electfsm.campaign import is_candidate_key
 from electfsm.embedded import LocalEtcd, find_etcdctl_binary
-from electfsm.etcd import EtcdClient, prefix_end
+from electfsm.etcd import EtcdClient, Watch, prefix_end
 
 
 class Candidate:
@@ -67,9 +67,31 @@ def wait_queued(client: EtcdClient, election: str, count: int, timeout: float = 
         time.sleep(0.01)
 
 
+def watch_deletes(client: EtcdClient, election: str) -> tuple[queue.Queue[float], Watch]:
+    """A raw watcher on the election: the monotonic time each candidate key's DELETE arrives
+    (splits a handover into the leader's part and the successor's)."""
+    prefix = (election + "/").encode()
+    start = int(client.range(prefix, prefix_end(prefix)).header.revision) + 1
+    watch = client.watch(prefix, prefix_end(prefix), start_revision=start)
+    deletes: queue.Queue[float] = queue.Queue()
+
+    def run() -> None:
+        for resp in watch:
+            for ev in resp.events:
+                if ev.type == ev.DELETE and is_candidate_key(prefix, bytes(ev.kv.key)):
+                    deletes.put(time.monotonic())
+
+    threading.Thread(target=run, daemon=True).start()
+    return deletes, watch
+
+
 def handovers(endpoint: str, election: str, runs: int,
-              spawn: Callable[[str], Candidate]) -> list[float]:
+              spawn: Callable[[str], Candidate],
+              split: list[tuple[float, float]] | None = None) -> list[float]:
+    """SIGINT → successor's key line, per round; ``split`` gets (SIGINT → the DELETE seen
+    by a raw watcher, that DELETE → the key line) for each round."""
     client = EtcdClient([endpoint], timeout=5)
+    deletes, watch = watch_deletes(client, election)
     alive: list[Candidate] = []
     out: list[float] = []
     try:
@@ -85,6 +107,9 @@ def handovers(endpoint: str, election: str, runs: int,
             leader.proc.send_signal(signal.SIGINT)
             elected = follower.elected.get(timeout=15)
             out.append(elected - start)
+            deleted = deletes.get(timeout=15)
+            if split is not None:
+                split.append((deleted - start, elected - deleted))
             if leader.proc.wait(15) != 0:
                 raise SystemExit(f"{election}: the resigned leader exited "
                                  f"{leader.proc.returncode}")
@@ -92,9 +117,12 @@ def handovers(endpoint: str, election: str, runs: int,
             leader, follower = follower, spawn(f"n{i + 2}")
             alive.append(follower)
             wait_queued(client, election, 2)
+            while not deletes.empty():  # the resigned process's own deletes, if any
+                deletes.get_nowait()
     finally:
         for c in alive:
             c.stop()
+        watch.cancel()
         client.close()
     return out
 
@@ -106,34 +134,69 @@ def summary(values: list[float]) -> str:
             f"max {max(values) * 1000:7.2f} ms  (n={len(values)})")
 
 
+def measure(etcd: LocalEtcd, runs: int, ttl: int = 10
+            ) -> dict[str, tuple[list[float], list[tuple[float, float]]]]:
+    """Both tools on one etcd, interleaved in halves so drift on the machine hits both."""
+    etcdctl = find_etcdctl_binary()
+    ep = etcd.endpoint
+
+    def electfsm(name: str) -> Candidate:
+        return Candidate([sys.executable, "-m", "electfsm", "campaign", "bench/cli-py", name,
+                          "--ttl", str(ttl), "--endpoints", ep])
+
+    def go(name: str) -> Candidate:
+        return Candidate([etcdctl, f"--endpoints={ep}", "elect", "bench/cli-go", name])
+
+    out: dict[str, tuple[list[float], list[tuple[float, float]]]] = {
+        "electfsm": ([], []), "etcdctl": ([], [])}
+    half = runs // 2
+    for n in (half, runs - half):
+        for name, election, spawn in (("electfsm", "bench/cli-py", electfsm),
+                                      ("etcdctl", "bench/cli-go", go)):
+            times, split = out[name]
+            times += handovers(ep, election, n, spawn, split)
+    return out
+
+
+def markdown(etcd: LocalEtcd, runs: int) -> list[str]:
+    """The CLI section of bench/results.md."""
+    from common import fmt_ms  # bench/ is on sys.path when run.py imports this
+
+    m = measure(etcd, runs)
+    ctl = m["etcdctl"][0]
+    lines = ["## 1b. Graceful handover, command to command", "",
+             "SIGINT to the leading process (it resigns) → the successor prints its key line "
+             "(read from its stdout pipe). Baseline: two `etcdctl elect` processes on the same "
+             "etcd, interleaved with the electfsm rounds. The split uses a raw watcher that "
+             "sees the leader's key deleted.", "",
+             "| tool | SIGINT → printed | SIGINT → key deleted | key deleted → printed | "
+             "ratio to etcdctl (median) |", "|---|---|---|---|---|"]
+    for name, (times, split) in m.items():
+        lines.append(f"| `{'electfsm campaign' if name == 'electfsm' else 'etcdctl elect'}` | "
+                     f"{fmt_ms(times)} | {fmt_ms([a for a, _ in split])} | "
+                     f"{fmt_ms([b for _, b in split])} | "
+                     f"{statistics.median(times) / statistics.median(ctl):.2f}x |")
+    lines.append("")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--ttl", type=int, default=10, help="electfsm's lease TTL")
     args = parser.parse_args()
-    etcdctl = find_etcdctl_binary()
     with LocalEtcd() as etcd:
-        ep = etcd.endpoint
-
-        def electfsm(name: str) -> Candidate:
-            return Candidate([sys.executable, "-m", "electfsm", "campaign", "bench/cli-py", name,
-                              "--ttl", str(args.ttl), "--endpoints", ep])
-
-        def go(name: str) -> Candidate:
-            return Candidate([etcdctl, f"--endpoints={ep}", "elect", "bench/cli-go", name])
-
-        # Interleave the two tools in halves so drift on the machine hits both alike.
-        half = args.runs // 2
-        py = handovers(ep, "bench/cli-py", half, electfsm)
-        ctl = handovers(ep, "bench/cli-go", half, go)
-        py += handovers(ep, "bench/cli-py", args.runs - half, electfsm)
-        ctl += handovers(ep, "bench/cli-go", args.runs - half, go)
+        m = measure(etcd, args.runs, args.ttl)
+    (py, py_split), (ctl, ctl_split) = m["electfsm"], m["etcdctl"]
     print("SIGINT to the leader → the successor prints its key line")
     print(f"  electfsm campaign → electfsm campaign: {summary(py)}")
     print(f"  etcdctl elect     → etcdctl elect:     {summary(ctl)}")
     print(f"  ratio electfsm / etcdctl (medians): "
           f"{statistics.median(py) / statistics.median(ctl):.2f}x")
+    for name, split in (("electfsm", py_split), ("etcdctl", ctl_split)):
+        print(f"  {name:8} SIGINT → key deleted: {summary([a for a, _ in split])}")
+        print(f"  {name:8} key deleted → printed: {summary([b for _, b in split])}")
     return 0
 
 

@@ -174,16 +174,23 @@ class Campaign:
                                  what=f"proclaim {self.key!r}")
         log.debug("%s: candidate key %r at revision %d", self._config.election, self.key,
                   revision)
-        while not self._cancelled:
-            predecessor, at = self._predecessor(revision)
-            if predecessor is None:
-                self._emit(Elected(generation=self._generation, key=self.key.decode(),
-                                   create_revision=revision, revision=at))
-                return
-            self._wait_delete(predecessor, at + 1)
-            with self._cond:
-                if self._want:  # a command arrived while we waited: obey it first
+        spent: Watch | None = None  # cancelled after the next read, off the handover's path
+        try:
+            while not self._cancelled:
+                predecessor, at = self._predecessor(revision)
+                if predecessor is None:
+                    self._emit(Elected(generation=self._generation, key=self.key.decode(),
+                                       create_revision=revision, revision=at))
                     return
+                if spent is not None:
+                    spent.cancel()
+                spent = self._wait_delete(predecessor, at + 1)
+                with self._cond:
+                    if self._want:  # a command arrived while we waited: obey it first
+                        return
+        finally:
+            if spent is not None:
+                spent.cancel()
 
     def _predecessor(self, revision: int) -> tuple[bytes | None, int]:
         """One read: our key must still be there with our lease (else :class:`_KeyGone`);
@@ -214,18 +221,25 @@ class Campaign:
         older = candidates[1] if len(candidates) > 1 else None
         return (bytes(older.key) if older is not None else None), int(resp.header.revision)
 
-    def _wait_delete(self, key: bytes, start_revision: int) -> None:
+    def _wait_delete(self, key: bytes, start_revision: int) -> Watch | None:
+        """Wait until ``key`` is deleted. Returns that watch still open when it was: the
+        caller cancels it after the read that follows (a cancel costs a round of gRPC work
+        the successor should not wait for); otherwise it is cancelled here."""
         watch = self._client.watch(key, start_revision=start_revision, no_put=True)
         with self._cond:
             if self._cancelled or self._want:
                 watch.cancel()
-                return
+                return None
             self._watch = watch
+        deleted = False
         try:
             for resp in watch:
                 if any(ev.type == kv_pb2.Event.DELETE for ev in resp.events):
-                    return
+                    deleted = True
+                    return watch
+            return None
         finally:
-            watch.cancel()
+            if not deleted:
+                watch.cancel()
             with self._cond:
                 self._watch = None

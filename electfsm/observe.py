@@ -49,7 +49,8 @@ class Observer:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._watch: Watch | None = None
-        self._last: tuple[str, int, bytes] | None = None
+        self._last: LeaderInfo | None = None
+        self._last_key: bytes | None = None
         self._reported = False
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"electfsm-observe[{election}]")
@@ -123,14 +124,14 @@ class Observer:
 
     def _report(self, candidates: dict[bytes, Any], revision: int,
                 touched: set[bytes] | None = None) -> None:
-        """Tell the dispatcher who leads. Skipped only when neither the leader nor its key
-        changed: a response that both deleted and re-created the leader's key (or touched
-        it in any way) is always reported, so no deletion can hide behind a later put."""
+        """Tell the dispatcher who leads. Skipped only when nothing about the leader changed
+        (identity, key, create revision, lease) and no event in this response touched its
+        key: every put or delete of the leader's key is reported."""
         leader = leader_of(candidates)
-        now = None if leader is None else (leader.key, leader.create_revision, leader.value)
-        last_key = None if self._last is None else self._last[0].encode()
-        if (self._reported and now == self._last
-                and (not touched or last_key is None or last_key not in touched)):
+        if (self._reported and leader == self._last
+                and not (touched and self._last_key in touched)):
             return
-        self._last, self._reported = now, True
+        self._last, self._reported = leader, True
+        self._last_key = None if leader is None else min(
+            candidates, key=lambda k: candidates[k].create_revision)
         self._emit(LeaderSeen(leader=leader, revision=revision))

@@ -60,6 +60,26 @@ def test_observe_reports_puts_deletes_and_no_leader(
     assert got.leader is None, "the last candidate left: nobody leads"
 
 
+def test_every_write_to_the_leaders_key_is_reported_even_with_the_same_value(
+        raw: EtcdClient, election: str, seen: queue.Queue[Event]) -> None:
+    """The leader's key re-written by hand with its value unchanged (here: moved off its
+    lease) is still news: the leader's own elector must hear of it."""
+    assert next_leader(seen).leader is None
+    lease, _ = raw.grant(30)
+    key = f"{election}/{lease:x}".encode()
+    raw.put(key, b"node-1", lease=lease)
+    assert (first := next_leader(seen).leader) is not None and first.lease == lease
+    raw.put(key, b"node-1")  # same key, same value, same create revision, no lease
+    got = next_leader(seen).leader
+    assert got is not None and got.lease == 0 and got.create_revision == first.create_revision
+    raw.put(key, b"node-1")  # not even the lease changed: still a write to the leader's key
+    again = next_leader(seen)
+    assert again.leader == got and again.revision > 0
+    raw.delete(key)
+    assert next_leader(seen).leader is None
+    raw.revoke(lease)
+
+
 def test_keys_of_a_nested_election_are_not_candidates(
         raw: EtcdClient, election: str, seen: queue.Queue[Event]) -> None:
     assert next_leader(seen).leader is None
