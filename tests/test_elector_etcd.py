@@ -419,6 +419,26 @@ def test_run_while_leader_work_is_cancelled_when_leadership_ends(
     assert len(tokens) == 2 and tokens[0] < tokens[1], "a fresh term, a larger token"
 
 
+def test_stop_lets_work_finish_before_the_lease_is_revoked(
+        make_elector: MakeElector, raw: EtcdClient, election: str) -> None:
+    """While run_while_leader work winds down after stop(), our key still holds the
+    election, so no other leader's work can overlap it; once stop() returns it is gone."""
+    held_while_winding_down: list[bool] = []
+
+    def work(term: Any) -> None:
+        term.cancelled.wait(30)
+        time.sleep(0.3)  # wind down: flush, close files ...
+        held_while_winding_down.append(keys(raw, election) == [term.key.encode()])
+
+    e = make_elector("node-a", start=False)
+    e.run_while_leader(work)
+    e.start()
+    assert e.wait_for("leader", timeout=5)
+    e.stop()
+    assert held_while_winding_down == [True]
+    assert keys(raw, election) == []
+
+
 def test_electors_can_share_one_connection(etcd: LocalEtcd, election: str) -> None:
     client = EtcdClient.connect([etcd.endpoint])
     shards = [Elector(client=client, election=f"{election}/shard-{i}", identity="node-a",
