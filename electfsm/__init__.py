@@ -10,6 +10,14 @@
         print(elector.state, elector.leader)
 """
 
+import os as _os
+
+# gRPC's C core logs every failed connection attempt (each TLS handshake retry, for one) to
+# stderr at INFO before Python sees it. electfsm reports those failures itself, through
+# logging and on_error, so unless the user chose a verbosity, keep gRPC to its errors. Read
+# once, when grpc is first imported: it must be set before the imports below.
+_os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from electfsm.dispatcher import Change
 from electfsm.elector import Elector, TxnResult
 from electfsm.errors import (

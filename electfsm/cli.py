@@ -111,7 +111,7 @@ exit codes:
       with --once: leadership was lost
   {EXIT_USAGE}   bad arguments or configuration
   {EXIT_NO_LEADER}   nobody leads (leader), nobody is queued (status)
-  {EXIT_UNREACHABLE}   etcd did not answer within --connect-timeout
+  {EXIT_UNREACHABLE}   etcd gave no usable answer within --connect-timeout
   N   with a COMMAND: it exited on its own with code N while we led (128+S if killed
       by a signal S electfsm did not send); electfsm then resigns and exits with N
 """
@@ -725,7 +725,7 @@ class _CampaignRun:
             if not self.connected:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise CliError(f"etcd at {','.join(self.conn.endpoints)} did not answer "
+                    raise CliError(f"etcd at {','.join(self.conn.endpoints)} gave no usable answer "
                                    f"within {self.conn.connect_timeout:g}s (--connect-timeout)"
                                    f"{': ' + self.last_error if self.last_error else ''}",
                                    EXIT_UNREACHABLE)
@@ -790,7 +790,7 @@ def _retrying(conn: Connection, what: str, call: Callable[[], Any]) -> Any:
         except EtcdUnavailable as exc:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise CliError(f"{what}: etcd at {','.join(conn.endpoints)} did not answer "
+                raise CliError(f"{what}: etcd at {','.join(conn.endpoints)} gave no usable answer "
                                f"within {conn.connect_timeout:g}s (--connect-timeout): {exc}",
                                EXIT_UNREACHABLE) from None
             log.info("%s failed, retrying: %s", what, exc)
@@ -911,7 +911,7 @@ def cmd_observe(args: argparse.Namespace) -> int:
                     event = events.get(timeout=0.5)
                 except queue.Empty:
                     if not seen_any and time.monotonic() >= deadline:
-                        raise CliError(f"etcd at {','.join(conn.endpoints)} did not answer "
+                        raise CliError(f"etcd at {','.join(conn.endpoints)} gave no usable answer "
                                        f"within {conn.connect_timeout:g}s (--connect-timeout)"
                                        f"{': ' + last_error if last_error else ''}",
                                        EXIT_UNREACHABLE) from None

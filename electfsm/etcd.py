@@ -90,7 +90,7 @@ class EtcdClient:
 
     def __init__(self, hosts: Sequence[str], *, timeout: float = 2.0,
                  credentials: Any | None = None, auth: Auth | None = None,
-                 server_name: str | None = None) -> None:
+                 server_name: str | None = None, client_cert: bool = False) -> None:
         if not hosts:
             raise ValueError("EtcdClient needs at least one host:port")
         self.hosts = tuple(hosts)
@@ -98,6 +98,7 @@ class EtcdClient:
         self._credentials = credentials
         self._auth = auth
         self._server_name = server_name
+        self._client_cert = client_cert  # only to explain etcd's refusals
         self._token: str | None = None
         self._token_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -126,7 +127,8 @@ class EtcdClient:
         """A client for an elector's endpoints, TLS and user."""
         return cls(config.hosts, timeout=config.call_timeout,
                    credentials=config.tls.credentials() if config.tls else None,
-                   auth=config.auth, server_name=config.tls.server_name if config.tls else None)
+                   auth=config.auth, server_name=config.tls.server_name if config.tls else None,
+                   client_cert=bool(config.tls and config.tls.cert))
 
     # ------------------------------------------------------------------ channel
     @property
@@ -229,8 +231,15 @@ class EtcdClient:
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return EtcdUnavailable(f"{what}: {where} did not answer within {timeout}s; "
                                        "is it running and reachable?")
+            tls = _tls_failure(details) if self._credentials is not None else None
+            if tls is not None:
+                return EtcdUnavailable(f"{what}: TLS with {where} failed ({tls}); check the "
+                                       "CA (--cacert), the client certificate and key, and "
+                                       "that the endpoint speaks TLS")
+            hint = ("" if self._credentials is not None else
+                    "; if it serves TLS (https), pass tls=TLS(ca=...) (CLI: --cacert)")
             return EtcdUnavailable(f"{what}: cannot reach {where} ({details}); check the "
-                                   "endpoint and that etcd is running")
+                                   f"endpoint and that etcd is running{hint}")
         if "invalid auth token" in details or "auth: revision in header is old" in details:
             self._forget_token()
             return TokenExpired(f"{what}: etcd no longer accepts our auth token; "
@@ -242,17 +251,15 @@ class EtcdClient:
             user = self._auth.user if self._auth else "?"
             return PermissionDenied(f"{what}: {where} refused user {user!r}: wrong user name or "
                                     "password")
-        if code in _UNAVAILABLE and self._credentials is not None and _tls_failure(details):
-            self._failed(channel)
-            return EtcdUnavailable(f"{what}: TLS with {where} failed ({_tls_failure(details)}); "
-                                   "check the CA (--cacert), the client certificate and key, "
-                                   "and that the endpoint speaks TLS")
         if code == grpc.StatusCode.NOT_FOUND and "lease" in details:
             return LeaseNotFound(f"{what}: etcd no longer knows the lease ({details})")
         if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
             return WatchCompacted(f"{what}: {details}", 0)
         if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
             user = f"user {self._auth.user!r}" if self._auth else "this client"
+            if self._auth is None and self._client_cert:
+                user += (" (with a client certificate and no user, etcd takes the "
+                         "certificate's common name as the user)")
             return PermissionDenied(f"{what}: {where} refused it for {user} ({details}); grant "
                                     "the role read-write on the election's prefix")
         if code == grpc.StatusCode.CANCELLED:
