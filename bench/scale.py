@@ -1,9 +1,10 @@
 """Scale: N candidates in one election (processes of shared-connection electors).
 
 For each N: time to settle, graceful handover (resign → next leader), crash failover
-(leader stops renewing → next leader), etcd messages per handover, steady-state etcd
-messages/s against the keepalive-only expectation (3 per TTL per candidate), threads and memory per
-elector.
+(leader stops renewing → next leader; and from its lease's expiry, seen by a raw watcher,
+to the next leader: the part that depends on N), etcd messages per handover and per
+failover, steady-state etcd messages/s against the keepalive-only expectation (3 per TTL
+per candidate), threads and memory per elector.
 """
 
 from __future__ import annotations
@@ -86,9 +87,33 @@ def next_leader(workers: list[Worker], after: float, timeout: float = 60) -> dic
     raise TimeoutError("no new leader")
 
 
+def watch_deletes(endpoint: str, election: str) -> tuple[queue.Queue[float], Any, Any]:
+    """A raw watcher that timestamps each candidate key's DELETE (a lease expiry, in a crash
+    round): the failover after it is the part that depends on N."""
+    from electfsm.campaign import is_candidate_key
+    from electfsm.etcd import EtcdClient, prefix_end
+
+    client = EtcdClient([endpoint], timeout=5)
+    prefix = (election + "/").encode()
+    watch = client.watch(prefix, prefix_end(prefix),
+                         start_revision=int(client.status().header.revision) + 1)
+    deletes: queue.Queue[float] = queue.Queue()
+
+    def read() -> None:
+        with contextlib.suppress(Exception):
+            for resp in watch:
+                for ev in resp.events:
+                    if ev.type == ev.DELETE and is_candidate_key(prefix, bytes(ev.kv.key)):
+                        deletes.put(time.monotonic())
+
+    threading.Thread(target=read, daemon=True).start()
+    return deletes, watch, client
+
+
 def run(endpoint: str, client_url: str, n: int, ttl: int = 5, rounds: int = 5,
         per_process: int = 100) -> dict[str, Any]:
     election = f"bench/scale-{n}-{time.monotonic_ns()}"
+    deletes, watch, raw = watch_deletes(endpoint, election)
     counts = [per_process] * (n // per_process) + ([n % per_process] if n % per_process else [])
     started = time.monotonic()
     workers = [Worker(endpoint, election, c, ttl, f"p{i}") for i, c in enumerate(counts)]
@@ -109,25 +134,33 @@ def run(endpoint: str, client_url: str, n: int, ttl: int = 5, rounds: int = 5,
         time.sleep(3 * ttl)
         idle = delta(requests(client_url), req0)
         idle_rate = sum(idle.values()) / (time.monotonic() - t0)
-        handovers, crashes, msgs = [], [], []
+        handovers: list[float] = []
+        crashes: list[float] = []
+        after_expiry: list[float] = []
+        msgs: dict[str, list[int]] = {"resign": [], "crash": []}
         for kind, out in (("resign", handovers), ("crash", crashes)):
             for _ in range(rounds if kind == "resign" else min(rounds, n - 2)):
                 s = stats(workers)
                 holder = next(w for w, x in zip(workers, s, strict=False) if x["leaders"] == 1)
+                while not deletes.empty():
+                    deletes.get_nowait()
                 before = requests(client_url)
                 t = time.monotonic()
                 holder.send(kind)
                 msg = next_leader(workers, t, timeout=ttl + 30)
                 out.append(msg["t"] - t)
-                if kind == "resign":
-                    time.sleep(0.3)
-                    msgs.append(sum(v for k, v in delta(requests(client_url), before).items()
-                                    if k != "LeaseKeepAlive"))
+                if kind == "crash":
+                    after_expiry.append(msg["t"] - deletes.get(timeout=5))
+                time.sleep(0.3)
+                msgs[kind].append(sum(v for k, v in delta(requests(client_url), before).items()
+                                      if k != "LeaseKeepAlive"))
                 time.sleep(0.3)
         s = stats(workers)
         threads = sum(x["threads"] for x in s) / n
         rss = sum(x["rss_kib"] for x in s) / n
     finally:
+        watch.cancel()
+        raw.close()
         for w in workers:
             with contextlib.suppress(BrokenPipeError, OSError):
                 w.send("quit")
@@ -137,7 +170,10 @@ def run(endpoint: str, client_url: str, n: int, ttl: int = 5, rounds: int = 5,
             except subprocess.TimeoutExpired:
                 w.proc.kill()
     return {"n": n, "settle_s": settle, "handover": handovers, "crash": crashes,
-            "msgs_per_handover_besides_keepalives": statistics.median(msgs),
+            "crash_after_expiry": after_expiry,
+            "msgs_per_handover_besides_keepalives": statistics.median(msgs["resign"]),
+            "msgs_per_crash_besides_keepalives": (statistics.median(msgs["crash"])
+                                                  if msgs["crash"] else float("nan")),
             "idle_msgs_per_s": idle_rate,
             "keepalive_expectation": n * 3 / ttl, "idle_breakdown": idle,
             "threads_per_elector": threads, "rss_kib_per_elector": rss}
