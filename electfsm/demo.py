@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -19,8 +20,14 @@ from electfsm.term import Term
 T0 = time.monotonic()
 
 
+_SAY = threading.Lock()
+
+
 def say(text: str) -> None:
-    print(f"[{time.monotonic() - T0:7.3f}s] {text}", flush=True)
+    """One line, whole: hooks of three electors print from three dispatcher threads."""
+    with _SAY:
+        sys.stdout.write(f"[{time.monotonic() - T0:7.3f}s] {text}\n")
+        sys.stdout.flush()
 
 
 def watch(elector: Elector) -> None:
