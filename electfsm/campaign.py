@@ -134,9 +134,11 @@ class Campaign:
             except _KeyGone:
                 with self._cond:
                     self._want = True
-            except EtcdError as exc:
+            except Exception as exc:  # EtcdError, or a bug below us: never end the thread
                 if self._cancelled:
                     return
+                if not isinstance(exc, EtcdError):
+                    log.exception("%s: campaign step raised unexpectedly", self._config.election)
                 if str(exc) != last_error:  # report each new problem once, not every retry
                     log.warning("%s: campaign step failed, retrying: %s",
                                 self._config.election, exc)

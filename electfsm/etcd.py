@@ -281,7 +281,8 @@ class EtcdClient:
                 if isinstance(error, TokenExpired) and attempt == 1:
                     continue
                 raise error from None
-            except ValueError as exc:  # the channel was closed under us by a rebuild
+            except ValueError as exc:  # the channel was closed under us (by a rebuild)
+                self._failed(channel)  # rebuilds it unless that already happened
                 raise EtcdUnavailable(f"{what}: the connection was rebuilt ({exc})") from None
         raise AssertionError("unreachable")
 
@@ -331,19 +332,24 @@ class EtcdClient:
         stub, channel = self._stub("lease")
         timeout = self.timeout if timeout is None else timeout
         request = etcdrpc.LeaseKeepAliveRequest(ID=lease)
-        call = stub.LeaseKeepAlive(iter([request]), timeout=timeout,
-                                   metadata=self.metadata(stream=True))
+        call = None
         try:
+            # inside the try: opening the stream raises ValueError when another thread
+            # closed this channel (a rebuild) a moment ago
+            call = stub.LeaseKeepAlive(iter([request]), timeout=timeout,
+                                       metadata=self.metadata(stream=True))
             for resp in call:
                 self._answered(channel)
                 return int(resp.TTL)
         except grpc.RpcError as exc:
             raise self._translate(exc, f"keep lease {lease:x} alive", channel, timeout) from None
         except ValueError as exc:
+            self._failed(channel)
             raise EtcdUnavailable(f"keep lease {lease:x} alive: connection rebuilt ({exc})") \
                 from None
         finally:
-            call.cancel()
+            if call is not None:
+                call.cancel()
         raise EtcdUnavailable(f"keep lease {lease:x} alive: the stream ended without an answer")
 
     def revoke(self, lease: int, *, timeout: float | None = None) -> None:
@@ -382,8 +388,12 @@ class Watch:
         self._requests.put(create)
         self._cancelled = False
         stub, self._channel = client._stub("watch")
-        self._call = stub.Watch(iter(self._requests.get, None),
-                                metadata=client.metadata(stream=True))
+        try:
+            self._call = stub.Watch(iter(self._requests.get, None),
+                                    metadata=client.metadata(stream=True))
+        except ValueError as exc:  # the channel was closed under us (by a rebuild)
+            client._failed(self._channel)
+            raise EtcdUnavailable(f"watch {key!r}: connection rebuilt ({exc})") from None
 
     def __iter__(self) -> Iterator[Any]:
         what = f"watch {self._key!r}"

@@ -83,9 +83,11 @@ class Observer:
                 backoff.reset()
             except WatchCompacted as exc:
                 log.info("%s: %s; reading again", self._election, exc)
-            except EtcdError as exc:
+            except Exception as exc:  # EtcdError, or a bug below us: never end the thread
                 if self._stopping.is_set():
                     return
+                if not isinstance(exc, EtcdError):
+                    log.exception("%s: observe raised unexpectedly", self._election)
                 if str(exc) != last_error:
                     log.info("%s: observe failed, retrying: %s", self._election, exc)
                     self._emit(ErrorReported(error=exc, where="observe"))

@@ -81,7 +81,9 @@ class SessionWatch:
             sent = self._clock()
             try:
                 lease, ttl = self._client.grant(self._config.ttl)
-            except EtcdError as exc:
+            except Exception as exc:  # EtcdError, or a bug below us: retry either way
+                if not isinstance(exc, EtcdError):
+                    log.exception("%s: grant raised unexpectedly", self._config.election)
                 if str(exc) != last_error:
                     log.warning("%s: cannot start a session, retrying: %s",
                                 self._config.election, exc)
@@ -157,6 +159,11 @@ class SessionWatch:
             except EtcdError as exc:
                 log.debug("%s: keepalive failed, %.2fs left: %s", self._config.election,
                           deadline - self._clock(), exc)
+                next_at = self._clock() + retry
+                continue
+            except Exception as exc:  # a bug below us must not end the session thread
+                log.exception("%s: keepalive raised unexpectedly; retrying", self._config.election)
+                self._emit(ErrorReported(error=exc, where="session"))
                 next_at = self._clock() + retry
                 continue
             if granted <= 0:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_kit import Proc
 
 from electfsm.chaos import Lab
 from electfsm.embedded import LocalEtcd, find_etcdctl_binary
@@ -68,6 +69,23 @@ def make_lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callabl
     yield make
     for lab in labs:
         lab.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[Callable[..., Proc]]:
+    """``procs(argv, env=None)``: start a process; every one is stopped when the test ends."""
+    started: list[Proc] = []
+
+    def start(argv: Sequence[str], env: dict[str, str] | None = None) -> Proc:
+        p = Proc(argv, env)
+        started.append(p)
+        return p
+
+    try:
+        yield start
+    finally:
+        for p in reversed(started):
+            p.stop()
 
 
 @pytest.fixture(scope="session")

@@ -10,19 +10,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_kit import Proc, clean_env, electfsm, run
 
 from electfsm.campaign import is_candidate_key
 from electfsm.config import default_margin
@@ -33,111 +32,6 @@ from electfsm.etcd import EtcdClient, prefix_end
 HERE = Path(__file__).resolve().parent
 CHILD = [sys.executable, str(HERE / "cli_child.py")]
 MakeEtcd = Callable[..., LocalEtcd]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """Our environment without any ELECTFSM_/ETCDCTL_ setting of the developer's shell."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("ELECTFSM_", "ETCDCTL_"))}
-    return {**env, "ETCDCTL_API": "3", **extra}
-
-
-class Proc:
-    """A process whose stdout lines arrive on a queue and whose stderr is collected."""
-
-    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
-        self.argv = list(argv)
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=clean_env() if env is None else env)
-        self.lines: queue.Queue[tuple[float, str]] = queue.Queue()
-        self.stdout: list[str] = []
-        self._err: list[str] = []
-        self._readers = [threading.Thread(target=self._read_out, daemon=True),
-                         threading.Thread(target=self._read_err, daemon=True)]
-        for reader in self._readers:
-            reader.start()
-
-    def _read_out(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.stdout.append(line)
-            self.lines.put((time.monotonic(), line))
-
-    def _read_err(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            self._err.append(raw.decode("utf-8", "replace"))
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self._err)
-
-    def line(self, timeout: float = 10) -> tuple[float, str]:
-        """The next stdout line and when it arrived; fails the test after ``timeout``."""
-        try:
-            return self.lines.get(timeout=timeout)
-        except queue.Empty:
-            pytest.fail(f"{self.argv[:4]}: no output line within {timeout}s; stdout so far:"
-                        f" {self.stdout}; stderr:\n{self.stderr}")
-
-    def silent_for(self, seconds: float) -> bool:
-        try:
-            got = self.lines.get(timeout=seconds)
-        except queue.Empty:
-            return True
-        self.lines.put(got)
-        return False
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 15) -> int:
-        code = self.proc.wait(timeout)
-        for reader in self._readers:
-            reader.join(5)
-        return code
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@pytest.fixture
-def procs() -> Iterator[Callable[..., Proc]]:
-    """``procs(argv, env=None)``: start a process; every one is stopped when the test ends."""
-    started: list[Proc] = []
-
-    def start(argv: Sequence[str], env: dict[str, str] | None = None) -> Proc:
-        p = Proc(argv, env)
-        started.append(p)
-        return p
-
-    try:
-        yield start
-    finally:
-        for p in reversed(started):
-            p.stop()
-
-
-def electfsm(*args: str) -> list[str]:
-    return [sys.executable, "-m", "electfsm", *args]
-
-
-def run(*args: str, timeout: float = 30,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(electfsm(*args), capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, env=clean_env() if env is None else env)
 
 
 def candidates(endpoint: str, election: str) -> list[Any]:

@@ -109,6 +109,30 @@ def test_a_timed_out_call_does_not_poison_the_client(
         client.close()
 
 
+@pytest.mark.parametrize("call", ["keepalive", "watch", "range"])
+def test_a_channel_closed_under_a_call_is_an_etcd_error_and_is_rebuilt(
+        etcd: LocalEtcd, call: str) -> None:
+    """Another thread's rebuild can close the channel between picking it and opening a
+    call on it; grpc then raises ValueError. Once that escaped from a keepalive and ended an
+    elector's session thread (1,000 candidates starting at once): it must be an EtcdError,
+    and the next call must work on a fresh channel."""
+    client = EtcdClient([etcd.endpoint], timeout=2)
+    lease, _ = client.grant(10)
+    try:
+        client._channel.close()  # what a concurrent rebuild does to the channel we hold
+        do: dict[str, Callable[[], object]] = {
+            "keepalive": lambda: client.keepalive(lease),
+            "watch": lambda: client.watch(b"some/key").cancel(),
+            "range": lambda: client.range(b"some/key"),
+        }
+        with pytest.raises(EtcdUnavailable, match="rebuilt"):
+            do[call]()
+        assert client.keepalive(lease) > 0, "a fresh channel serves the next call"
+    finally:
+        client.revoke(lease)
+        client.close()
+
+
 def test_unreachable_endpoint_fails_fast_with_a_clear_error() -> None:
     from electfsm.embedded import free_port
 

@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_kit import Proc, clean_env, electfsm, run
 
 from electfsm import Elector, EtcdError, EtcdUnavailable, PermissionDenied, Term, ops
 from electfsm.campaign import is_candidate_key
@@ -384,94 +382,6 @@ def test_client_cert_plus_user_leads_fences_within_its_role_and_never_leaks_the_
 
 
 # ---------------------------------------------------------------------------- 5. the command
-def clean_env(**extra: str) -> dict[str, str]:
-    """Our environment without any ELECTFSM_/ETCDCTL_ setting of the developer's shell."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ELECTFSM_", "ETCDCTL_"))}
-    return {**env, **extra}
-
-
-def electfsm(*args: str) -> list[str]:
-    return [sys.executable, "-m", "electfsm", *args]
-
-
-def run(*args: str, env: dict[str, str] | None = None,
-        timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(electfsm(*args), capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, env=clean_env() if env is None else env)
-
-
-class Proc:
-    """A running process: stdout lines arrive on a queue, stderr is collected."""
-
-    def __init__(self, argv: Sequence[str], env: dict[str, str]) -> None:
-        self.argv = list(argv)
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self._err: list[str] = []
-        self._readers = [threading.Thread(target=self._read, args=(self.proc.stdout, True),
-                                          daemon=True),
-                         threading.Thread(target=self._read, args=(self.proc.stderr, False),
-                                          daemon=True)]
-        for reader in self._readers:
-            reader.start()
-
-    def _read(self, stream: Any, out: bool) -> None:
-        for raw in stream:
-            text = raw.decode("utf-8", "replace")
-            if out:
-                self.lines.put(text.rstrip("\n"))
-            else:
-                self._err.append(text)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self._err)
-
-    def line(self, timeout: float = 10) -> str:
-        try:
-            return self.lines.get(timeout=timeout)
-        except queue.Empty:
-            pytest.fail(f"{self.argv[3:5]}: no output line within {timeout}s; "
-                        f"stderr:\n{self.stderr}")
-
-    def wait(self, timeout: float = 15) -> int:
-        code = self.proc.wait(timeout)
-        for reader in self._readers:
-            reader.join(5)
-        return code
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@pytest.fixture
-def procs() -> Iterator[Callable[..., Proc]]:
-    """``procs(argv, env=None)``: start a process; every one is stopped when the test ends."""
-    started: list[Proc] = []
-
-    def start(argv: Sequence[str], env: dict[str, str] | None = None) -> Proc:
-        p = Proc(argv, clean_env() if env is None else env)
-        started.append(p)
-        return p
-
-    try:
-        yield start
-    finally:
-        for p in reversed(started):
-            p.stop()
-
-
 def tls_flags(server: LocalEtcd, pki: TestPKI, *, ca: str | None = None) -> list[str]:
     return ["--endpoints", server.endpoint, "--cacert", ca or pki.ca_cert,
             "--cert", pki.client_cert, "--key", pki.client_key]
@@ -482,7 +392,7 @@ def test_cli_campaign_leader_and_observe_over_client_cert_tls(
         procs: Callable[..., Proc]) -> None:
     flags = tls_flags(mtls_etcd, pki)
     a = procs(electfsm("campaign", election, "node-a", "--ttl", "2", *flags))
-    key, value = a.line(), a.line()
+    key, value = a.line()[1], a.line()[1]
     assert key.startswith(election + "/") and value == "node-a"
     assert candidate_keys(mtls_etcd, pki.client_tls(), election) == [key]
 
@@ -490,7 +400,7 @@ def test_cli_campaign_leader_and_observe_over_client_cert_tls(
     assert who.returncode == 0, who.stderr
     assert who.stdout.splitlines() == [key, "node-a"]
     observer = procs(electfsm("observe", election, *flags))
-    assert [observer.line(), observer.line()] == [key, "node-a"]
+    assert [observer.line()[1], observer.line()[1]] == [key, "node-a"]
 
     for p in (a, observer):
         p.proc.send_signal(signal.SIGTERM)
@@ -506,7 +416,7 @@ def test_cli_user_password_from_the_environment_over_tls_stays_out_of_argv_and_s
     flags = [*tls_flags(auth_mtls_etcd, pki), "--user", "scheduler"]
     env = clean_env(ELECTFSM_PASSWORD=SECRET)
     a = procs(electfsm("campaign", election, "node-a", "--ttl", "2", *flags), env=env)
-    key, value = a.line(), a.line()
+    key, value = a.line()[1], a.line()[1]
     assert key.startswith(election + "/") and value == "node-a"
     cmdline = Path(f"/proc/{a.pid}/cmdline").read_bytes()
     assert b"--user\0scheduler" in cmdline, "this is the process we think it is"
