@@ -9,6 +9,7 @@ rebuilt (on the next endpoint, when there are several), and watch streams belong
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import queue
@@ -107,6 +108,8 @@ class EtcdClient:
         self._last_answer = float("-inf")
         self._channel: Any = None
         self._stubs: dict[str, Any] = {}
+        self._ka_lock = threading.Lock()
+        self._keepalives: _KeepAlives | None = None
         self._connect()
 
     @classmethod
@@ -188,6 +191,10 @@ class EtcdClient:
         with self._lock:
             self._closed = True
             channel = self._channel
+        with self._ka_lock:
+            stream, self._keepalives = self._keepalives, None
+        if stream is not None:
+            stream.close(EtcdError("the etcd client is closed"))
         channel.close()
 
     # ------------------------------------------------------------------ auth
@@ -328,29 +335,35 @@ class EtcdClient:
         return int(resp.ID), int(resp.TTL)
 
     def keepalive(self, lease: int, *, timeout: float | None = None) -> int:
-        """Renew ``lease`` once; returns the TTL etcd answered (0 or less: the lease is gone)."""
-        stub, channel = self._stub("lease")
+        """Renew ``lease`` once; returns the TTL etcd answered (0 or less: the lease is gone).
+
+        Every lease of this client is renewed over one shared LeaseKeepAlive stream (as Go's
+        lessor does): opening a stream per renewal costs a gRPC stream and a thread each
+        time, which 1,000 electors renewing every TTL/3 cannot afford.
+        """
         timeout = self.timeout if timeout is None else timeout
-        request = etcdrpc.LeaseKeepAliveRequest(ID=lease)
-        call = None
+        what = f"keep lease {lease:x} alive"
+        stream = self._keepalive_stream(what)
         try:
-            # inside the try: opening the stream raises ValueError when another thread
-            # closed this channel (a rebuild) a moment ago
-            call = stub.LeaseKeepAlive(iter([request]), timeout=timeout,
-                                       metadata=self.metadata(stream=True))
-            for resp in call:
-                self._answered(channel)
-                return int(resp.TTL)
-        except grpc.RpcError as exc:
-            raise self._translate(exc, f"keep lease {lease:x} alive", channel, timeout) from None
-        except ValueError as exc:
-            self._failed(channel)
-            raise EtcdUnavailable(f"keep lease {lease:x} alive: connection rebuilt ({exc})") \
-                from None
-        finally:
-            if call is not None:
-                call.cancel()
-        raise EtcdUnavailable(f"keep lease {lease:x} alive: the stream ended without an answer")
+            return stream.renew(lease, timeout)
+        except _NoAnswer:
+            self._failed(stream.channel, timed_out=True, waited=timeout)
+            raise EtcdUnavailable(f"{what}: etcd at {self.hosts[self._index]} did not answer "
+                                  f"within {timeout}s; is it running and reachable?") from None
+
+    def _keepalive_stream(self, what: str) -> _KeepAlives:
+        with self._ka_lock:
+            stream = self._keepalives
+            if stream is not None and stream.usable(self._channel):
+                return stream
+            stub, channel = self._stub("lease")
+            try:
+                stream = _KeepAlives(self, stub, channel)
+            except ValueError as exc:  # the channel was closed under us (by a rebuild)
+                self._failed(channel)
+                raise EtcdUnavailable(f"{what}: connection rebuilt ({exc})") from None
+            self._keepalives = stream
+            return stream
 
     def revoke(self, lease: int, *, timeout: float | None = None) -> None:
         """Revoke ``lease`` (deleting every key attached to it); a lease already gone is fine."""
@@ -375,6 +388,104 @@ class EtcdClient:
         create = etcdrpc.WatchCreateRequest(key=key, range_end=range_end,
                                             start_revision=start_revision, filters=filters)
         return Watch(self, etcdrpc.WatchRequest(create_request=create), key)
+
+
+class _NoAnswer(Exception):
+    """A keepalive got no answer in time."""
+
+
+class _Renewal:
+    """One keepalive request waiting for its answer."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self.ttl = 0
+        self.error: EtcdError | None = None
+
+    def answer(self, ttl: int) -> None:
+        self.ttl = ttl
+        self._done.set()
+
+    def fail(self, error: EtcdError) -> None:
+        self.error = error
+        self._done.set()
+
+    def wait(self, timeout: float) -> int:
+        if not self._done.wait(timeout):
+            raise _NoAnswer()
+        if self.error is not None:
+            raise self.error
+        return self.ttl
+
+
+class _KeepAlives:
+    """The LeaseKeepAlive stream of one channel, shared by every lease renewed through it.
+
+    etcd answers the requests of one stream in order, each answer naming its lease, so the
+    answers for a lease go to its waiting requests first come, first served. A request that
+    gets no answer in time ends the stream: its late answer must never be taken for the
+    answer to a later request (that would date a renewal later than it happened).
+    """
+
+    def __init__(self, client: EtcdClient, stub: Any, channel: Any) -> None:
+        self._client = client
+        self.channel = channel
+        self._lock = threading.Lock()
+        self._waiting: dict[int, collections.deque[_Renewal]] = {}
+        self._dead: EtcdError | None = None
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._call = stub.LeaseKeepAlive(iter(self._requests.get, None),
+                                         metadata=client.metadata(stream=True))
+        threading.Thread(target=self._read, daemon=True, name="electfsm-keepalive").start()
+
+    def usable(self, channel: Any) -> bool:
+        return self._dead is None and channel is self.channel
+
+    def renew(self, lease: int, timeout: float) -> int:
+        renewal = _Renewal()
+        with self._lock:
+            if self._dead is not None:
+                raise self._dead
+            self._waiting.setdefault(lease, collections.deque()).append(renewal)
+        self._requests.put(etcdrpc.LeaseKeepAliveRequest(ID=lease))
+        try:
+            return renewal.wait(timeout)
+        except _NoAnswer:
+            self.close(EtcdUnavailable(f"keep lease {lease:x} alive: no answer within "
+                                       f"{timeout}s; the keepalive stream was closed"))
+            raise
+
+    def _read(self) -> None:
+        error: EtcdError
+        try:
+            for resp in self._call:
+                self._client._answered(self.channel)
+                with self._lock:
+                    waiting = self._waiting.get(int(resp.ID))
+                    renewal = waiting.popleft() if waiting else None
+                if renewal is not None:
+                    renewal.answer(int(resp.TTL))
+            error = EtcdUnavailable("keep leases alive: the stream ended")
+        except grpc.RpcError as exc:
+            error = (self._dead if self._dead is not None else
+                     self._client._translate(exc, "keep leases alive", self.channel, None))
+        except ValueError as exc:  # the channel was closed (a rebuild)
+            error = EtcdUnavailable(f"keep leases alive: connection rebuilt ({exc})")
+        self._end(error)
+
+    def _end(self, error: EtcdError) -> None:
+        with self._lock:
+            if self._dead is None:
+                self._dead = error
+            waiting, self._waiting = self._waiting, {}
+        for renewals in waiting.values():
+            for renewal in renewals:
+                renewal.fail(self._dead)
+
+    def close(self, error: EtcdError) -> None:
+        self._end(error)
+        self._requests.put(None)
+        self._call.cancel()
 
 
 class Watch:

@@ -99,7 +99,8 @@ class Observer:
         revision = int(resp.header.revision)
         candidates = {bytes(kv.key): kv for kv in resp.kvs
                       if is_candidate_key(self._prefix, bytes(kv.key))}
-        self._report(candidates, revision)
+        first = _first(candidates)
+        self._report(candidates, first, revision, force=False)
         watch = self._client.watch(self._prefix, self._end, start_revision=revision + 1)
         with self._lock:
             if self._stopping.is_set():
@@ -108,32 +109,48 @@ class Observer:
             self._watch = watch
         try:
             for wresp in watch:
-                touched: set[bytes] = set()
+                # O(1) per event: the first candidate changes only when it goes (then we
+                # look again, once per response) or when its own key is written. With N
+                # candidates each joining once, a full scan per event would cost N^2.
+                touched = False
+                lost_first = False
                 for ev in wresp.events:
                     key = bytes(ev.kv.key)
                     if not is_candidate_key(self._prefix, key):
                         continue
-                    touched.add(key)
                     if ev.type == kv_pb2.Event.DELETE:
                         candidates.pop(key, None)
+                        lost_first = lost_first or key == first
                     else:
                         candidates[key] = ev.kv
-                self._report(candidates, int(wresp.header.revision), touched)
+                        if first is None or (not lost_first and ev.kv.create_revision
+                                             < candidates[first].create_revision):
+                            first = key
+                    touched = touched or key == first or key == self._last_key
+                if lost_first:
+                    first = _first(candidates)
+                self._report(candidates, first, int(wresp.header.revision), force=touched)
         finally:
             watch.cancel()
             with self._lock:
                 self._watch = None
 
-    def _report(self, candidates: dict[bytes, Any], revision: int,
-                touched: set[bytes] | None = None) -> None:
-        """Tell the dispatcher who leads. Skipped only when nothing about the leader changed
-        (identity, key, create revision, lease) and no event in this response touched its
-        key: every put or delete of the leader's key is reported."""
-        leader = leader_of(candidates)
-        if (self._reported and leader == self._last
-                and not (touched and self._last_key in touched)):
+    def _report(self, candidates: dict[bytes, Any], first: bytes | None, revision: int,
+                *, force: bool) -> None:
+        """Tell the dispatcher who leads. Skipped only when the first candidate is the one
+        reported last and no event touched its key (or the last reported one's): every put
+        or delete of the leader's key is reported."""
+        if self._reported and not force and first == self._last_key:
             return
-        self._last, self._reported = leader, True
-        self._last_key = None if leader is None else min(
-            candidates, key=lambda k: candidates[k].create_revision)
+        leader = None if first is None else leader_of({first: candidates[first]})
+        if self._reported and leader == self._last and not force:
+            return
+        self._last, self._last_key, self._reported = leader, first, True
         self._emit(LeaderSeen(leader=leader, revision=revision))
+
+
+def _first(candidates: dict[bytes, Any]) -> bytes | None:
+    """The key with the lowest create revision (the leader's), or None."""
+    if not candidates:
+        return None
+    return min(candidates, key=lambda k: candidates[k].create_revision)
