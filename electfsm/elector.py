@@ -19,7 +19,7 @@ from electfsm.etcd import EtcdClient
 from electfsm.events import ErrorReported, Event, LeaderInfo, Resign, Stop
 from electfsm.hooks import HookMethods, Hooks
 from electfsm.machine import State
-from electfsm.observe import Observer
+from electfsm.observe import Subscription
 from electfsm.security import TLS, Auth
 from electfsm.session import SessionWatch
 from electfsm.term import Term
@@ -83,8 +83,8 @@ class Elector(HookMethods):
         self._owns_client = client is None
         self._client = client if client is not None else EtcdClient.for_config(self.config)
         self._session = SessionWatch(self._client, self.config, self._queue.put)
-        self._observer = Observer(self._client, self.config.election, self._queue.put,
-                                  self.config.backoff_max)
+        self._observer = Subscription(self._client, self.config.election, self._queue.put,
+                                      self.config.backoff_max)
         self._dispatcher = Dispatcher(election=self.config.election, value=self.config.identity,
                                       hooks=self._hooks, effects=_Effects(self),
                                       clock=time.monotonic)

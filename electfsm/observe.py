@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -154,3 +155,73 @@ def _first(candidates: dict[bytes, Any]) -> bytes | None:
     if not candidates:
         return None
     return min(candidates, key=lambda k: candidates[k].create_revision)
+
+
+class _Shared:
+    """One Observer of an election serving every elector of that election on one client."""
+
+    def __init__(self, client: EtcdClient, election: str, backoff_max: float) -> None:
+        self.subscribers: list[Callable[[Event], None]] = []
+        self.last: LeaderSeen | None = None
+        self.lock = threading.Lock()
+        self.observer = Observer(client, election, self.emit, backoff_max)
+
+    def emit(self, event: Event) -> None:
+        with self.lock:
+            if isinstance(event, LeaderSeen):
+                self.last = event
+            subscribers = list(self.subscribers)
+        for emit in subscribers:
+            emit(event)
+
+
+_SHARED: weakref.WeakKeyDictionary[EtcdClient, dict[str, _Shared]] = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+class Subscription:
+    """An elector's view of its election through the client's shared :class:`Observer`.
+
+    Electors of one process that share a client and an election share one watch: with N
+    of them, one stream and one pass over each event instead of N (N watchers each seeing
+    N candidates join would cost N^2). A late subscriber is told the current leader at once
+    (the dispatcher ignores a report older than one it has).
+    """
+
+    def __init__(self, client: EtcdClient, election: str, emit: Callable[[Event], None],
+                 backoff_max: float = 2.0) -> None:
+        self._client, self._election, self._emit = client, election, emit
+        self._backoff_max = backoff_max
+        self._shared: _Shared | None = None
+
+    def start(self) -> None:
+        with _SHARED_LOCK:
+            by_election = _SHARED.setdefault(self._client, {})
+            shared = by_election.get(self._election)
+            first = shared is None
+            if shared is None:
+                shared = by_election[self._election] = _Shared(self._client, self._election,
+                                                               self._backoff_max)
+            with shared.lock:
+                shared.subscribers.append(self._emit)
+                last = shared.last
+            self._shared = shared
+        if first:
+            shared.observer.start()
+        elif last is not None:
+            self._emit(last)
+
+    def stop(self, timeout: float) -> None:
+        shared, self._shared = self._shared, None
+        if shared is None:
+            return
+        with _SHARED_LOCK:
+            with shared.lock:
+                shared.subscribers.remove(self._emit)
+                idle = not shared.subscribers
+            if idle:
+                by_election = _SHARED.get(self._client, {})
+                if by_election.get(self._election) is shared:
+                    del by_election[self._election]
+        if idle:
+            shared.observer.stop(timeout)

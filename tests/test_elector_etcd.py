@@ -454,6 +454,48 @@ def test_electors_can_share_one_connection(etcd: LocalEtcd, election: str) -> No
     client.close()
 
 
+def watchers(etcd: LocalEtcd) -> int:
+    """etcd's count of open watchers (its /metrics)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(etcd.client_url + "/metrics", timeout=5).read().decode()
+    return int(float(next(line.split()[1] for line in text.splitlines()
+                          if line.startswith("etcd_debugging_mvcc_watcher_total "))))
+
+
+def test_electors_sharing_a_connection_share_one_watch_of_their_election(
+        make_etcd: Callable[..., LocalEtcd], election: str) -> None:
+    """N electors of one election on one client: one observe watch, not N (each watcher
+    would see every candidate join: N^2 events). All know the leader, a late one at once,
+    and stopping some leaves the others observing."""
+    server = make_etcd()
+    client = EtcdClient.connect([server.endpoint])
+    made = [Elector(client=client, election=election, identity=f"n{i}", ttl=5)
+            for i in range(10)]
+    try:
+        for e in made[:9]:
+            e.start()
+        leader = settle(made[:9])
+        # one shared observe watch + one predecessor watch per waiting candidate
+        assert watchers(server) == 1 + 8
+        late = made[9]
+        late.start()
+        assert late.wait_until(lambda e: e.leader is not None and e.state == "follower", 5)
+        assert late.leader is not None and late.leader.identity == leader.identity
+        for e in made[:5]:
+            if e is not leader:
+                e.stop()
+        leader.resign()
+        rest = [e for e in made[5:] if e is not leader]
+        new = settle(rest)
+        assert new is not leader
+        assert all(e.leader is not None and e.leader.identity == new.identity for e in rest)
+    finally:
+        for e in made:
+            e.stop()
+        client.close()
+
+
 def test_client_and_endpoints_together_are_refused(etcd: LocalEtcd) -> None:
     from electfsm import ConfigError
 
