@@ -26,10 +26,12 @@ HERE = Path(__file__).resolve().parent
 
 
 class Worker:
-    def __init__(self, endpoint: str, election: str, count: int, ttl: int, name: str) -> None:
+    def __init__(self, endpoint: str, election: str, count: int, ttl: int, name: str,
+                 ramp: float = 0.0) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "scale_worker.py"), "--endpoint", endpoint,
-             "--election", election, "--count", str(count), "--ttl", str(ttl), "--name", name],
+             "--election", election, "--count", str(count), "--ttl", str(ttl), "--name", name,
+             "--ramp", str(ramp)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -74,6 +76,21 @@ def stats(workers: list[Worker]) -> list[dict[str, Any]]:
     return [w.expect("stats") for w in workers]
 
 
+def settled(workers: list[Worker], n: int, timeout: float) -> list[dict[str, Any]]:
+    """Wait until one of the ``n`` leads and all others follow; the last stats."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = stats(workers)
+        if sum(x["leaders"] for x in s) == 1 and sum(x["followers"] for x in s) == n - 1:
+            return s
+        if time.monotonic() > deadline:
+            counts = [(x["leaders"], x["followers"], x["candidates"], x["disconnected"])
+                      for x in s]
+            raise TimeoutError(f"{n} candidates did not settle in {timeout:.0f}s "
+                               f"(leaders, followers, candidates, disconnected): {counts}")
+        time.sleep(0.2)
+
+
 def next_leader(workers: list[Worker], after: float, timeout: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -115,16 +132,15 @@ def run(endpoint: str, client_url: str, n: int, ttl: int = 5, rounds: int = 5,
     election = f"bench/scale-{n}-{time.monotonic_ns()}"
     deletes, watch, raw = watch_deletes(endpoint, election)
     counts = [per_process] * (n // per_process) + ([n % per_process] if n % per_process else [])
-    started = time.monotonic()
-    workers = [Worker(endpoint, election, c, ttl, f"p{i}") for i, c in enumerate(counts)]
+    # Candidates join at most ~200/s (a fleet does not start in one millisecond); settle is
+    # counted from the last start.
+    ramp = n / 200 if n > 100 else 0.0
+    workers = [Worker(endpoint, election, c, ttl, f"p{i}", ramp) for i, c in enumerate(counts)]
     try:
         for w in workers:
             w.expect("started")
-        while True:
-            s = stats(workers)
-            if sum(x["leaders"] for x in s) == 1 and sum(x["followers"] for x in s) == n - 1:
-                break
-            time.sleep(0.2)
+        started = time.monotonic()
+        settled(workers, n, timeout=120)
         settle = time.monotonic() - started
         drain_leaders(workers)
         while not LEADERS.empty():
@@ -140,7 +156,7 @@ def run(endpoint: str, client_url: str, n: int, ttl: int = 5, rounds: int = 5,
         msgs: dict[str, list[int]] = {"resign": [], "crash": []}
         for kind, out in (("resign", handovers), ("crash", crashes)):
             for _ in range(rounds if kind == "resign" else min(rounds, n - 2)):
-                s = stats(workers)
+                s = settled(workers, n - len(crashes), timeout=60)
                 holder = next(w for w, x in zip(workers, s, strict=False) if x["leaders"] == 1)
                 while not deletes.empty():
                     deletes.get_nowait()

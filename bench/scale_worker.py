@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--ttl", type=int, default=2)
     p.add_argument("--name", default="w")
+    p.add_argument("--ramp", type=float, default=0.0,
+                   help="spread the electors' starts over this many seconds")
     a = p.parse_args()
     client = EtcdClient.connect([a.endpoint], timeout=5)
     electors = []
@@ -44,6 +46,7 @@ def main() -> None:
     base_threads, base_rss = threading.active_count(), rss_kib()
     for e in electors:
         e.start()
+        time.sleep(a.ramp / max(1, a.count))
     say(event="started")
     for line in sys.stdin:
         cmd = line.strip()
