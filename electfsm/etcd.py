@@ -193,8 +193,8 @@ class EtcdClient:
             channel = self._channel
         with self._ka_lock:
             stream, self._keepalives = self._keepalives, None
-        if stream is not None:
-            stream.close(EtcdError("the etcd client is closed"))
+        if stream is not None:  # its thread is gone when close() returns
+            stream.close(EtcdError("the etcd client is closed"), wait=2.0)
         channel.close()
 
     # ------------------------------------------------------------------ auth
@@ -436,7 +436,9 @@ class _KeepAlives:
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._call = stub.LeaseKeepAlive(iter(self._requests.get, None),
                                          metadata=client.metadata(stream=True))
-        threading.Thread(target=self._read, daemon=True, name="electfsm-keepalive").start()
+        self._reader = threading.Thread(target=self._read, daemon=True,
+                                        name="electfsm-keepalive")
+        self._reader.start()
 
     def usable(self, channel: Any) -> bool:
         return self._dead is None and channel is self.channel
@@ -482,10 +484,13 @@ class _KeepAlives:
             for renewal in renewals:
                 renewal.fail(self._dead)
 
-    def close(self, error: EtcdError) -> None:
+    def close(self, error: EtcdError, *, wait: float = 0.0) -> None:
+        """End the stream; ``wait`` > 0 also waits that long for its reader thread."""
         self._end(error)
         self._requests.put(None)
         self._call.cancel()
+        if wait > 0 and threading.current_thread() is not self._reader:
+            self._reader.join(wait)
 
 
 class Watch:

@@ -476,7 +476,12 @@ def test_electors_sharing_a_connection_share_one_watch_of_their_election(
         for e in made[:9]:
             e.start()
         leader = settle(made[:9])
-        # one shared observe watch + one predecessor watch per waiting candidate
+        # one shared observe watch + one predecessor watch per waiting candidate (the
+        # campaigns open theirs on their own time: wait for them, then check it stays so)
+        deadline = time.monotonic() + 5
+        while watchers(server) < 1 + 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
         assert watchers(server) == 1 + 8
         late = made[9]
         late.start()
