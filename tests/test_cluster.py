@@ -7,9 +7,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from scenario_kit import eventually
 
 from electfsm.embedded import LocalCluster, LocalEtcd, make_test_pki
 from electfsm.errors import EtcdError
@@ -48,17 +48,6 @@ def client() -> Iterator[Callable[..., EtcdClient]]:
 
 def key() -> bytes:
     return f"cluster/{uuid.uuid4().hex}".encode()
-
-
-def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except EtcdError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def test_three_members_elect_a_leader_and_share_writes(

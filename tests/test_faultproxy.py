@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from scenario_kit import eventually
 
 from electfsm.embedded import LocalEtcd
 from electfsm.errors import EtcdError, EtcdUnavailable
@@ -125,18 +126,6 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
         assert chunk, f"closed after {data!r}"
         data += chunk
     return data
-
-
-def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """``check()``'s first result that raises nothing, retried until ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except EtcdError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
