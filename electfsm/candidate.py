@@ -229,6 +229,7 @@ class Candidate:
         return fields
 
     def _exit_leader(self, term: Term) -> dict[str, Any]:
+        self._stall_pending.clear()  # a stall asked of this term never reaches the next one
         return {"kind": "exit_leader", "token": term.token, "key": term.key,
                 "lease": term.lease, "ended_by": term.ended_by}
 
@@ -332,6 +333,12 @@ class Candidate:
 
     # ------------------------------------------------------------------ control
     def request_stall(self) -> None:
+        """Arm a stall for the current term's work callback. Asked of a candidate that does
+        not lead, it is ignored (logged): an armed stall must not fire in a later term, long
+        after the fault that asked for it."""
+        if self.elector.state != "leader":
+            self.log.write("stall_ignored", state=self.elector.state)
+            return
         self._stall_pending.set()
 
     def control(self) -> None:
@@ -456,17 +463,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                    inc=f"{args.identity}#{os.getpid()}")
     candidate = Candidate(args, log)
     done = threading.Event()
-    control = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    signal.signal(signal.SIGUSR1, lambda *_: control.set())
-    signal.signal(signal.SIGUSR2, lambda *_: candidate.request_stall())
+    # The handlers only set flags: the main thread acts on them, so a handler never waits
+    # for a lock the interrupted main thread holds (the event log's).
+    wake, control, stall = threading.Event(), threading.Event(), threading.Event()
+
+    def flag(event: threading.Event) -> Callable[..., None]:
+        def handler(*_: object) -> None:
+            event.set()
+            wake.set()
+        return handler
+
+    signal.signal(signal.SIGTERM, flag(done))
+    signal.signal(signal.SIGINT, flag(done))
+    signal.signal(signal.SIGUSR1, flag(control))
+    signal.signal(signal.SIGUSR2, flag(stall))
     candidate.start()
     next_check = 0.0
     while not done.is_set():
-        if control.wait(0.05):
-            control.clear()
-            candidate.control()
+        if wake.wait(0.05):
+            wake.clear()
+            if stall.is_set():
+                stall.clear()
+                candidate.request_stall()
+            if control.is_set():
+                control.clear()
+                candidate.control()
         if args.harness_pid and time.monotonic() >= next_check:
             next_check = time.monotonic() + 0.5
             if not _alive(args.harness_pid):  # orphaned: never outlive the harness
@@ -626,7 +647,8 @@ class CandidateProcess:
         self.send(signal.SIGUSR1)
 
     def stall(self) -> None:
-        """SIGUSR2: the next leader work iteration stalls."""
+        """SIGUSR2: the next work iteration of the current term stalls (ignored, and logged
+        as ``stall_ignored``, when the candidate does not lead)."""
         self.send(signal.SIGUSR2)
 
     def terminate(self, timeout: float = 10.0) -> int | None:

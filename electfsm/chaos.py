@@ -824,7 +824,7 @@ KINDS: dict[str, tuple[int, tuple[float, float] | None]] = {
     "leader_kill": (3, (1.0, 3.0)),     # SIGKILL whoever leads
     "pause_short": (2, None),           # SIGSTOP 0.3 x TTL (within the margin: no churn)
     "pause_long": (3, (3.0, 5.0)),      # SIGSTOP past the TTL (S6)
-    "stall": (1, None),                 # the work callback holds the GIL 2 x TTL (S7)
+    "stall": (1, None),                 # the leader's work holds the GIL 2 x TTL (S7)
     "blackhole": (3, (1.0, 4.0)),       # the candidate's links hang (S3)
     "half_open": (3, (1.0, 4.0)),       # answers lost, requests land (S10)
     "reset": (2, (0.5, 3.0)),           # RST + refuse (S4)
@@ -912,7 +912,7 @@ class _Runner:
         print(f"[chaos] t={fault['at']:7.2f} #{fault['n']} {kind} "
               f"{name if kind in CLIENT_KINDS else member} {d:.2f}s", file=sys.stderr,
               flush=True)
-        if kind in ("leader_kill", "resign"):
+        if kind in ("leader_kill", "resign", "stall"):  # only a leader runs work to stall
             leader = self.leader()
             if leader is None:
                 self.skipped += 1

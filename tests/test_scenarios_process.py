@@ -147,6 +147,26 @@ def test_s7_sleeping_callback_does_not_cost_leadership(make_lab: MakeLab) -> Non
     ok(report)
 
 
+def test_stall_asked_of_a_follower_never_fires_in_a_later_term(make_lab: MakeLab) -> None:
+    """A stall is a fault on the term that leads when it is asked for: a follower ignores
+    it (logged), so it cannot fire minutes later when that node next leads (the chaos
+    runner's quiet windows saw such a late stall as churn)."""
+    lab = make_lab()
+    first = lab.spawn("a", stall=2 * TTL, stall_mode="gil")
+    lab.wait_leader()
+    second = lab.spawn("b", stall=2 * TTL, stall_mode="gil")
+    lab.settle()
+    second.stall()
+    assert second.wait_for(lambda e: e["kind"] == "stall_ignored", 3) is not None
+    after = time.monotonic()
+    first.resign()
+    assert second.wait_for(lambda e: e["kind"] == "enter_leader", 5, after=after) is not None
+    time.sleep(1.0)  # five work intervals of the new term
+    assert not [e for e in second.events() if e["kind"] == "stall"]
+    report = lab.finish()
+    ok(report)
+
+
 def test_s7_hook_that_stops_the_world_on_enter_is_deposed_by_the_deadline(
         make_lab: MakeLab) -> None:
     """on_enter_leader holds the GIL for 2 x TTL: nothing renews the lease, another node
