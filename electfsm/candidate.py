@@ -157,7 +157,7 @@ class Candidate:
         self._n = 0
         self._depth_lock = threading.Lock()
         self.last_term: Term | None = None
-        self._stall_pending = threading.Event()
+        self._stall_token: int | None = None  # the term a requested stall belongs to
         self._stall_on_enter = args.stall_on_enter
         self._stopping = threading.Event()
         self._monitor = threading.Thread(target=self._watch_term, daemon=True,
@@ -229,7 +229,6 @@ class Candidate:
         return fields
 
     def _exit_leader(self, term: Term) -> dict[str, Any]:
-        self._stall_pending.clear()  # a stall asked of this term never reaches the next one
         return {"kind": "exit_leader", "token": term.token, "key": term.key,
                 "lease": term.lease, "ended_by": term.ended_by}
 
@@ -252,8 +251,8 @@ class Candidate:
 
     def _work(self, term: Term) -> None:
         while not term.cancelled.wait(self.args.work_interval):
-            if self._stall_pending.is_set():
-                self._stall_pending.clear()
+            if self._stall_token == term.token:
+                self._stall_token = None
                 self.log.write("stall", phase="begin", where="work", token=term.token,
                                seconds=self.args.stall, mode=self.args.stall_mode)
                 _stall(self.args.stall, self.args.stall_mode)
@@ -333,13 +332,14 @@ class Candidate:
 
     # ------------------------------------------------------------------ control
     def request_stall(self) -> None:
-        """Arm a stall for the current term's work callback. Asked of a candidate that does
-        not lead, it is ignored (logged): an armed stall must not fire in a later term, long
-        after the fault that asked for it."""
-        if self.elector.state != "leader":
+        """Stall the work callback of the term that leads now. Asked of a candidate that does
+        not lead, it is ignored (logged). The stall is bound to that term's token, so it can
+        never fire in a later term, long after the fault that asked for it."""
+        term = self.last_term
+        if self.elector.state != "leader" or term is None:
             self.log.write("stall_ignored", state=self.elector.state)
             return
-        self._stall_pending.set()
+        self._stall_token = term.token
 
     def control(self) -> None:
         """Resign, then try a guarded proclaim with the latest term (stale or not)."""
