@@ -110,6 +110,7 @@ class EtcdClient:
         self._stubs: dict[str, Any] = {}
         self._ka_lock = threading.Lock()
         self._keepalives: _KeepAlives | None = None
+        self._watches: _WatchStream | None = None
         self._connect()
 
     @classmethod
@@ -161,6 +162,10 @@ class EtcdClient:
                 raise EtcdError("the etcd client is closed")
             return self._stubs[name], self._channel
 
+    @property
+    def has_auth(self) -> bool:
+        return self._auth is not None
+
     def _answered(self, channel: Any) -> None:
         """A call on ``channel`` was answered: the link is alive."""
         if channel is self._channel:
@@ -192,9 +197,11 @@ class EtcdClient:
             self._closed = True
             channel = self._channel
         with self._ka_lock:
-            stream, self._keepalives = self._keepalives, None
-        if stream is not None:  # its thread is gone when close() returns
-            stream.close(EtcdError("the etcd client is closed"), wait=2.0)
+            streams = (self._keepalives, self._watches)
+            self._keepalives = self._watches = None
+        for stream in streams:  # their threads are gone when close() returns
+            if stream is not None:
+                stream.close(EtcdError("the etcd client is closed"), wait=2.0)
         channel.close()
 
     # ------------------------------------------------------------------ auth
@@ -387,7 +394,21 @@ class EtcdClient:
         filters = [etcdrpc.WatchCreateRequest.NOPUT] if no_put else []
         create = etcdrpc.WatchCreateRequest(key=key, range_end=range_end,
                                             start_revision=start_revision, filters=filters)
-        return Watch(self, etcdrpc.WatchRequest(create_request=create), key)
+        return Watch(self, create, key)
+
+    def _watch_stream(self, what: str) -> _WatchStream:
+        with self._ka_lock:
+            stream = self._watches
+            if stream is not None and stream.usable(self._channel):
+                return stream
+            stub, channel = self._stub("watch")
+            try:
+                stream = _WatchStream(self, stub, channel)
+            except ValueError as exc:  # the channel was closed under us (by a rebuild)
+                self._failed(channel)
+                raise EtcdUnavailable(f"{what}: connection rebuilt ({exc})") from None
+            self._watches = stream
+            return stream
 
 
 class _NoAnswer(Exception):
@@ -423,8 +444,11 @@ class _KeepAlives:
 
     etcd answers the requests of one stream in order, each answer naming its lease, so the
     answers for a lease go to its waiting requests first come, first served. A request that
-    gets no answer in time ends the stream: its late answer must never be taken for the
-    answer to a later request (that would date a renewal later than it happened).
+    gets no answer in time keeps its place in that line, abandoned: its late answer is
+    dropped when it comes, never taken for the answer to a later request (that would date a
+    renewal later than it happened). The stream is ended only when it answered nothing at
+    all while that request waited (a dead link or a hung server); a stream that is slow but
+    answering stays, or one slow renewal under load would fail every lease sharing it.
     """
 
     def __init__(self, client: EtcdClient, stub: Any, channel: Any) -> None:
@@ -433,6 +457,7 @@ class _KeepAlives:
         self._lock = threading.Lock()
         self._waiting: dict[int, collections.deque[_Renewal]] = {}
         self._dead: EtcdError | None = None
+        self._last_answer = float("-inf")
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._call = stub.LeaseKeepAlive(iter(self._requests.get, None),
                                          metadata=client.metadata(stream=True))
@@ -449,18 +474,21 @@ class _KeepAlives:
             if self._dead is not None:
                 raise self._dead
             self._waiting.setdefault(lease, collections.deque()).append(renewal)
+        sent = time.monotonic()
         self._requests.put(etcdrpc.LeaseKeepAliveRequest(ID=lease))
         try:
             return renewal.wait(timeout)
         except _NoAnswer:
-            self.close(EtcdUnavailable(f"keep lease {lease:x} alive: no answer within "
-                                       f"{timeout}s; the keepalive stream was closed"))
+            if self._last_answer < sent:  # silent the whole time: the stream is dead
+                self.close(EtcdUnavailable(f"keep lease {lease:x} alive: no answer within "
+                                           f"{timeout}s; the keepalive stream was closed"))
             raise
 
     def _read(self) -> None:
         error: EtcdError
         try:
             for resp in self._call:
+                self._last_answer = time.monotonic()
                 self._client._answered(self.channel)
                 with self._lock:
                     waiting = self._waiting.get(int(resp.ID))
@@ -493,50 +521,157 @@ class _KeepAlives:
             self._reader.join(wait)
 
 
+class _WatchStream:
+    """The Watch stream of one channel, shared by every watch of the client (as Go's client
+    multiplexes its watchers on one stream).
+
+    One stream and one reader thread per connection, instead of a stream, a request thread
+    and a thread blocked in gRPC per watch: gRPC wakes every thread blocked on a stream ten
+    times a second, which for 1,000 followers each watching its predecessor was most of the
+    processes' idle CPU. etcd answers the create requests of a stream in order, so each
+    ``created`` answer belongs to the oldest watch still waiting for one; later answers carry
+    the watch id it assigned. When the stream fails, every watch on it gets the error.
+    """
+
+    def __init__(self, client: EtcdClient, stub: Any, channel: Any) -> None:
+        self._client = client
+        self.channel = channel
+        self._lock = threading.Lock()
+        self._pending: collections.deque[Watch] = collections.deque()
+        self._active: dict[int, Watch] = {}
+        self._dead: EtcdError | None = None
+        self._retired = False  # no new watches here; closed once its last watch goes
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._call = stub.Watch(iter(self._requests.get, None),
+                                metadata=client.metadata(stream=True))
+        self._reader = threading.Thread(target=self._read, daemon=True, name="electfsm-watch")
+        self._reader.start()
+
+    def usable(self, channel: Any) -> bool:
+        return self._dead is None and not self._retired and channel is self.channel
+
+    def add(self, watch: Watch, create: Any) -> None:
+        with self._lock:
+            if self._dead is not None:
+                raise self._dead
+            self._pending.append(watch)
+            self._requests.put(etcdrpc.WatchRequest(create_request=create))
+
+    def cancel(self, watch_id: int) -> None:
+        with self._lock:
+            if self._active.pop(watch_id, None) is None or self._dead is not None:
+                return
+            self._requests.put(etcdrpc.WatchRequest(
+                cancel_request=etcdrpc.WatchCancelRequest(watch_id=watch_id)))
+            idle = self._retired and not self._active and not self._pending
+        if idle:
+            self.close(EtcdUnavailable("watch: stream retired"))
+
+    def _retire(self) -> None:
+        """etcd refused a watch at creation: with auth on, that is also how an expired token
+        shows (etcd checks the stream's token at each create), so new watches go to a new
+        stream with a fresh token; the watches already on this one keep going."""
+        self._retired = True
+        if self._client.has_auth:
+            self._client._forget_token()
+
+    def _read(self) -> None:
+        error: EtcdError
+        try:
+            for resp in self._call:
+                self._client._answered(self.channel)
+                self._route(resp)
+            error = EtcdUnavailable("watch stream: it ended")
+        except grpc.RpcError as exc:
+            error = (self._dead if self._dead is not None else
+                     self._client._translate(exc, "watch stream", self.channel, None))
+        except ValueError as exc:  # the channel was closed (a rebuild)
+            error = EtcdUnavailable(f"watch stream: connection rebuilt ({exc})")
+        self._end(error)
+
+    def _route(self, resp: Any) -> None:
+        watch_id = int(resp.watch_id)
+        with self._lock:
+            if resp.created:
+                if not self._pending:
+                    return
+                watch = self._pending.popleft()
+                if resp.canceled:  # refused at creation (e.g. permission): watch_id is -1
+                    self._retire()
+                    watch._deliver(resp)
+                    return
+                if watch.cancelled:  # cancelled while its create was in flight
+                    self._requests.put(etcdrpc.WatchRequest(
+                        cancel_request=etcdrpc.WatchCancelRequest(watch_id=watch_id)))
+                    return
+                watch.watch_id = watch_id
+                self._active[watch_id] = watch
+            else:
+                watch = self._active.get(watch_id)  # type: ignore[assignment]
+                if watch is None:
+                    return  # a watch we cancelled
+                if resp.canceled:  # compacted, or cancelled by etcd: it ends here
+                    del self._active[watch_id]
+        watch._deliver(resp)
+
+    def _end(self, error: EtcdError) -> None:
+        with self._lock:
+            if self._dead is None:
+                self._dead = error
+            watches = [*self._pending, *self._active.values()]
+            self._pending.clear()
+            self._active.clear()
+        for watch in watches:
+            watch._deliver(self._dead)
+
+    def close(self, error: EtcdError, *, wait: float = 0.0) -> None:
+        """End the stream; ``wait`` > 0 also waits that long for its reader thread."""
+        self._end(error)
+        self._requests.put(None)
+        self._call.cancel()
+        if wait > 0 and threading.current_thread() is not self._reader:
+            self._reader.join(wait)
+
+
 class Watch:
-    """One etcd watch on its own gRPC stream. Iterating yields ``WatchResponse`` messages with
-    events; errors come out as :class:`~electfsm.errors.EtcdError`; :meth:`cancel` ends it."""
+    """One etcd watch (on the client's shared watch stream). Iterating yields
+    ``WatchResponse`` messages with events; errors come out as
+    :class:`~electfsm.errors.EtcdError`; :meth:`cancel` ends it, from any thread."""
 
     def __init__(self, client: EtcdClient, create: Any, key: bytes) -> None:
-        self._client = client
         self._key = key
-        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._requests.put(create)
-        self._cancelled = False
-        stub, self._channel = client._stub("watch")
-        try:
-            self._call = stub.Watch(iter(self._requests.get, None),
-                                    metadata=client.metadata(stream=True))
-        except ValueError as exc:  # the channel was closed under us (by a rebuild)
-            client._failed(self._channel)
-            raise EtcdUnavailable(f"watch {key!r}: connection rebuilt ({exc})") from None
+        self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.cancelled = False
+        self.watch_id: int | None = None
+        self._stream = client._watch_stream(f"watch {key!r}")
+        self._stream.add(self, create)
+
+    def _deliver(self, item: Any) -> None:
+        self._items.put(item)
 
     def __iter__(self) -> Iterator[Any]:
         what = f"watch {self._key!r}"
-        try:
-            for resp in self._call:
-                self._client._answered(self._channel)
-                if resp.compact_revision:
-                    raise WatchCompacted(
-                        f"{what}: revision compacted up to {resp.compact_revision}",
-                        int(resp.compact_revision))
-                if resp.canceled:
-                    reason = resp.cancel_reason or "no reason given"
-                    raise EtcdError(f"{what}: etcd cancelled it ({reason})")
-                if resp.events:
-                    yield resp
-        except grpc.RpcError as exc:
-            if self._cancelled:
+        while True:
+            item = self._items.get()
+            if self.cancelled:
                 return
-            raise self._client._translate(exc, what, self._channel, None) from None
-        except ValueError as exc:
-            if self._cancelled:
-                return
-            raise EtcdUnavailable(f"{what}: connection rebuilt ({exc})") from None
-        if not self._cancelled:
-            raise EtcdUnavailable(f"{what}: the stream ended")
+            if isinstance(item, WatchCompacted):
+                raise item
+            if isinstance(item, EtcdError):  # the shared stream failed: each watch says so
+                raise type(item)(f"{what}: {item}")
+            if item.compact_revision:
+                raise WatchCompacted(f"{what}: revision compacted up to {item.compact_revision}",
+                                     int(item.compact_revision))
+            if item.canceled:
+                reason = item.cancel_reason or "no reason given"
+                raise EtcdError(f"{what}: etcd cancelled it ({reason})")
+            if item.events:
+                yield item
 
     def cancel(self) -> None:
-        self._cancelled = True
-        self._requests.put(None)
-        self._call.cancel()
+        if self.cancelled:
+            return
+        self.cancelled = True
+        self._items.put(None)
+        if self.watch_id is not None:
+            self._stream.cancel(self.watch_id)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import queue
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from electfsm import EtcdUnavailable, LeaderSeen
+from electfsm import EtcdError, EtcdUnavailable, LeaderSeen
 from electfsm.embedded import LocalEtcd
 from electfsm.etcd import EtcdClient
 from electfsm.events import Event
+from electfsm.faultproxy import FaultProxy
 from electfsm.observe import Observer
 
 
@@ -158,3 +161,110 @@ def test_second_endpoint_is_used_when_the_first_is_dead(etcd: LocalEtcd) -> None
         assert client.endpoint == etcd.endpoint
     finally:
         client.close()
+
+
+def streams_opened(server: LocalEtcd, method: str) -> float:
+    """How many ``method`` calls (streams) etcd has seen started, from its /metrics."""
+    text = urllib.request.urlopen(server.client_url + "/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("grpc_server_started_total{")
+               and f'grpc_method="{method}"' in line)
+
+
+def keepalive_streams(server: LocalEtcd) -> float:
+    return streams_opened(server, "LeaseKeepAlive")
+
+
+def test_one_late_renewal_does_not_end_the_keepalive_stream_other_leases_share(
+        make_etcd: Callable[..., LocalEtcd]) -> None:
+    """With 1,000 electors starting at once, one renewal answered late ended the stream that
+    every lease of the connection shares; the renewals of all the others failed with it, and
+    sessions were lost in a cascade. A stream that answers while a renewal waits is slow, not
+    dead: it is kept, and the late answer is dropped rather than taken for a later one's."""
+    server = make_etcd()
+    with FaultProxy(server.endpoint) as proxy:
+        client = EtcdClient([proxy.endpoint], timeout=5)
+        try:
+            a, _ = client.grant(30)
+            b, _ = client.grant(30)
+            assert client.keepalive(a) > 0 and client.keepalive(b) > 0
+            assert keepalive_streams(server) == 1
+            proxy.latency(0.3)  # a round trip takes 0.6 s
+            answered: list[int] = []
+            other = threading.Thread(target=lambda: answered.append(client.keepalive(b)))
+            other.start()  # b's answer arrives while a's renewal below waits
+            time.sleep(0.2)
+            with pytest.raises(EtcdUnavailable, match=r"did not answer within 0\.5s"):
+                client.keepalive(a, timeout=0.5)
+            other.join(5)
+            assert answered and answered[0] > 0, "the other lease was renewed on the same stream"
+            assert client.keepalive(a) > 0, "the abandoned lease renews again"
+            proxy.pass_through()
+            for _ in range(3):
+                assert client.keepalive(a) > 0 and client.keepalive(b) > 0
+            assert keepalive_streams(server) == 1, "the slow stream was kept"
+        finally:
+            client.close()
+
+
+def test_a_keepalive_stream_silent_while_a_renewal_waits_is_replaced(
+        make_etcd: Callable[..., LocalEtcd]) -> None:
+    """The other side of the rule above: a stream that answers nothing (a hung server) is
+    ended, and the next renewal opens a new one once etcd answers again."""
+    server = make_etcd()
+    client = EtcdClient([server.endpoint], timeout=5)
+    try:
+        lease, _ = client.grant(30)
+        assert client.keepalive(lease) > 0
+        server.pause()
+        try:
+            with pytest.raises(EtcdUnavailable, match=r"did not answer within 0\.5s"):
+                client.keepalive(lease, timeout=0.5)
+        finally:
+            server.resume()
+        assert client.keepalive(lease) > 0
+        assert keepalive_streams(server) == 2
+    finally:
+        client.close()
+
+
+def test_watches_of_one_connection_share_one_stream_yet_end_on_their_own(
+        make_etcd: Callable[..., LocalEtcd]) -> None:
+    """Every watch of a client rides one Watch stream (one reader thread, not a stream and a
+    gRPC-polling thread per watch). Each still gets only its own events, a cancelled one ends
+    quietly without disturbing the others, and closing the client ends the rest with an
+    error."""
+    server = make_etcd()
+    client = EtcdClient([server.endpoint], timeout=5)
+    got: queue.Queue[tuple[int, object]] = queue.Queue()
+
+    def follow(i: int, watch: object) -> None:
+        try:
+            for resp in watch:  # type: ignore[attr-defined]
+                for ev in resp.events:
+                    got.put((i, bytes(ev.kv.key)))
+            got.put((i, "ended"))
+        except EtcdError as exc:
+            got.put((i, exc))
+
+    try:
+        watches = [client.watch(f"w/{i}".encode()) for i in range(20)]
+        threads = [threading.Thread(target=follow, args=(i, w), daemon=True)
+                   for i, w in enumerate(watches)]
+        for t in threads:
+            t.start()
+        for i in range(20):
+            client.put(f"w/{i}".encode(), b"x")
+        seen = sorted(got.get(timeout=5) for _ in range(20))
+        assert seen == sorted((i, f"w/{i}".encode()) for i in range(20))
+        watches[3].cancel()
+        assert got.get(timeout=5) == (3, "ended")
+        client.put(b"w/3", b"y")
+        client.put(b"w/4", b"y")
+        assert got.get(timeout=5) == (4, b"w/4"), "the cancelled watch got nothing more"
+        assert streams_opened(server, "Watch") == 1
+    finally:
+        client.close()
+    ended = [got.get(timeout=5) for _ in range(19)]
+    assert all(isinstance(e, EtcdError) for _, e in ended), ended
+    assert all(not t.is_alive() for t in threads if t.join(5) is None)
