@@ -5,7 +5,10 @@
 ``session_lost`` is emitted at ``safe_until`` itself (no waiting for another tick), when a
 keepalive answers TTL <= 0, or when etcd no longer knows the lease. After a loss the lease is
 no longer renewed and is revoked best-effort (otherwise a half-open link could keep it alive and
-nobody could take over); a new lease is granted as soon as etcd answers again.
+nobody could take over); a new lease is granted as soon as etcd answers again. A revoke that
+failed (etcd unreachable, or without quorum) is tried again right after that grant, before
+campaigning: our old key may still be first in line, and etcd renews every lease by its TTL
+when its own leader changes, so waiting for it to expire could hold the election for a TTL.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class SessionWatch:
         self._safe_until = float("-inf")
         self._campaign: Campaign | None = None
         self._on_lost: list[threading.Event] = []
+        self._unrevoked: list[int] = []  # lost leases whose revoke failed
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"electfsm-session[{config.election}]")
 
@@ -97,6 +101,7 @@ class SessionWatch:
                 log.warning("%s: asked etcd for a %ds lease, it granted %ds (its minimum); "
                             "using %ds", self._config.election, self._config.ttl, ttl, ttl)
             margin = self._config.margin_for(ttl)
+            self._revoke_lost(ttl)
             campaign = Campaign(self._client, self._config, self.generation + 1, lease,
                                 self._emit)
             with self._lock:
@@ -121,7 +126,21 @@ class SessionWatch:
             try:  # best-effort: a lease we stopped renewing must not keep our key alive
                 self._client.revoke(lease)
             except EtcdError as exc:
-                log.info("%s: could not revoke lease %x (%s); it expires on its own",
+                log.info("%s: could not revoke lease %x (%s); trying again once etcd answers",
+                         self._config.election, lease, exc)
+                self._unrevoked.append(lease)
+
+    def _revoke_lost(self, ttl: int) -> None:
+        """Revoke the lost leases whose revoke failed; etcd has just answered a grant. Once
+        each: a lease that still cannot be revoked expires on its own."""
+        leases, self._unrevoked = self._unrevoked, []
+        for lease in leases:
+            try:
+                self._client.revoke(lease, timeout=min(self._config.call_timeout, ttl / 4))
+                log.info("%s: revoked lost lease %x now that etcd answers",
+                         self._config.election, lease)
+            except EtcdError as exc:
+                log.info("%s: could not revoke lost lease %x (%s); it expires on its own",
                          self._config.election, lease, exc)
 
     def _lose(self, generation: int, reason: str) -> None:

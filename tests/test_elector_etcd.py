@@ -257,6 +257,42 @@ def test_paused_etcd_makes_the_leader_step_down_before_the_lease_could_expire(
         e.stop()
 
 
+def test_a_lost_lease_whose_revoke_failed_is_revoked_as_soon_as_etcd_answers(
+        make_etcd: Callable[..., LocalEtcd], election: str) -> None:
+    """Cut off past its deadline, the leader steps down and its revoke of the lost lease
+    fails. Its key then stays first in line until the lease expires: a TTL at worst (etcd
+    renews every lease when its own leader changes; seen after a quorum loss in a randomized
+    run). The revoke is tried again right after the next grant, before campaigning."""
+    from electfsm.faultproxy import FaultProxy
+
+    server = make_etcd()
+    margin = 4.0
+    with FaultProxy(server.endpoint) as proxy:
+        e = Elector(endpoints=[proxy.endpoint], election=election, identity="node-a", ttl=10,
+                    margin=margin, call_timeout=1.0, backoff_max=0.3)
+        observer = EtcdClient([server.endpoint], timeout=2)
+        try:
+            e.start()
+            assert e.wait_for("leader", timeout=5)
+            term = e.term
+            assert term is not None
+            proxy.blackhole()
+            # The last keepalive was sent by now, so etcd expires the lease no sooner than
+            # this deadline + the margin: everything below must happen before that.
+            natural_expiry = term.deadline + margin
+            assert e.wait_for("disconnected", timeout=10)
+            time.sleep(1.5)  # the revoke of the lost lease times out against the blackhole
+            assert observer.time_to_live(term.lease).TTL > 0, "the old lease is still there"
+            proxy.pass_through()
+            assert e.wait_for("leader", timeout=natural_expiry - time.monotonic())
+            assert time.monotonic() < natural_expiry, "too slow to tell: the lease expired"
+            assert observer.time_to_live(term.lease).TTL == -1, "the lost lease was revoked"
+            assert e.term is not None and e.term.lease != term.lease
+        finally:
+            e.stop()
+            observer.close()
+
+
 def test_unreachable_etcd_keeps_retrying_and_leads_once_it_comes_up(
         make_etcd: Callable[..., LocalEtcd], election: str) -> None:
     port = free_port()
