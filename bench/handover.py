@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 from electfsm import Elector
+from electfsm.campaign import is_candidate_key
 from electfsm.embedded import LocalEtcd
-from electfsm.etcd import EtcdClient
+from electfsm.etcd import EtcdClient, prefix_end
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,6 +66,17 @@ def watch_floor(endpoint: str, runs: int) -> list[float]:
     return out
 
 
+def queued(client: EtcdClient, election: str, count: int, timeout: float = 10) -> None:
+    """Wait until ``count`` candidate keys are in line."""
+    prefix = (election + "/").encode()
+    deadline = time.monotonic() + timeout
+    while sum(1 for kv in client.range(prefix, prefix_end(prefix), keys_only=True).kvs
+              if is_candidate_key(prefix, bytes(kv.key))) != count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{election}: {count} candidates did not queue in {timeout}s")
+        time.sleep(0.005)
+
+
 def handovers(endpoint: str, runs: int, how: str = "resign") -> list[float]:
     """Leader steps down (``how="resign"``) or its key is deleted by hand (``"delete"``) →
     the successor's on_enter_leader runs."""
@@ -104,6 +116,7 @@ def handovers(endpoint: str, runs: int, how: str = "resign") -> list[float]:
                 ready.wait_for(lambda s=successor: s.identity in entered, timeout=10)
             out.append(entered[successor.identity] - start)
             leader.wait_for("follower", timeout=10)
+            queued(raw, election, 2)  # the next round starts with a successor in line
             time.sleep(0.05)
     finally:
         a.stop()

@@ -52,6 +52,13 @@ def op_range(key: bytes, range_end: bytes = b"", **fields: Any) -> Any:
                                                                 **fields))
 
 
+#: After resigning while others wait, our key goes back in line only after this pause. Our
+#: new key is a raft write; sent at once, it lands just as the successor's confirming read
+#: does, and etcd serves that read only after the write is persisted (the raft loop orders
+#: them), so the handover would wait for our fsync. Alone, we campaign again at once.
+RESIGN_PAUSE = 0.05
+
+
 class _KeyGone(Exception):
     """Our key vanished under us; campaign again from the transaction."""
 
@@ -122,10 +129,14 @@ class Campaign:
                 if resign is not None:
                     # Until this delete succeeds we must not campaign: the old key would
                     # still be first and win again.
-                    self._delete_if(resign)
+                    others = self._delete_if(resign)
                     with self._cond:
                         if self._resign == resign:
                             self._resign = None
+                        if others and not self._cancelled and not self._want:
+                            self._cond.wait(RESIGN_PAUSE)  # a command cuts it short
+                        if self._cancelled:
+                            return
                 self._campaign()
                 backoff.reset()
                 last_error = ""
@@ -148,10 +159,18 @@ class Campaign:
                     self._want = True
                     self._cond.wait(backoff.next())
 
-    def _delete_if(self, create_revision: int) -> None:
-        self._client.txn([compare_create(self.key, create_revision)],
-                         [etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(
-                             key=self.key))], what=f"resign {self.key!r}")
+    def _delete_if(self, create_revision: int) -> bool:
+        """Delete our key if it is still that incarnation; True if other candidates wait."""
+        resp = self._client.txn(
+            [compare_create(self.key, create_revision)],
+            [etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=self.key)),
+             op_range(self._prefix, self._end, keys_only=True, limit=8)],
+            what=f"resign {self.key!r}")
+        if not resp.succeeded:
+            return False
+        left = resp.responses[1].response_range
+        return bool(left.more) or any(is_candidate_key(self._prefix, bytes(kv.key))
+                                      for kv in left.kvs)
 
     def _campaign(self) -> None:
         value = self._config.identity
