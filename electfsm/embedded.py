@@ -738,8 +738,15 @@ class LocalEtcd(_StartStop):
         proc.send_signal(sig)
 
     def pause(self) -> None:
-        """SIGSTOP: etcd stays alive but answers nothing until :meth:`resume`."""
+        """SIGSTOP: etcd stays alive but answers nothing until :meth:`resume`. Returns once
+        every thread of it has stopped (the signal is delivered to each asynchronously, and
+        a thread still running could answer one more request)."""
         self._signal(signal.SIGSTOP)
+        proc = self._res.proc
+        assert proc is not None
+        deadline = time.monotonic() + 2.0
+        while not _all_threads_stopped(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def resume(self) -> None:
         """SIGCONT after :meth:`pause`."""
@@ -749,6 +756,24 @@ class LocalEtcd(_StartStop):
         """Kill etcd if it runs, then start it again on the same ports and data dir."""
         self.kill()
         self.start(timeout)
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """True when every thread of ``pid`` is in state T (stopped); also True where /proc
+    cannot tell (not Linux, or the process is gone)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # that thread has just exited
+        if state not in ("T", "t"):
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------- cluster

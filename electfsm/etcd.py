@@ -250,6 +250,11 @@ class EtcdClient:
                 return EtcdUnavailable(f"{what}: TLS with {where} failed ({tls}); check the "
                                        "CA (--cacert), the client certificate and key, and "
                                        "that the endpoint speaks TLS")
+            if details.startswith("etcdserver:"):
+                # etcd answered but could not commit or serve the request in time
+                return EtcdUnavailable(f"{what}: {where} could not serve it ({details}); "
+                                       "the cluster may be without a leader or quorum; "
+                                       "retry shortly, or check the other members")
             hint = ("" if self._credentials is not None else
                     "; if it serves TLS (https), pass tls=TLS(ca=...) (CLI: --cacert)")
             return EtcdUnavailable(f"{what}: cannot reach {where} ({details}); check the "
