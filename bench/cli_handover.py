@@ -158,8 +158,9 @@ def measure(etcd: LocalEtcd, runs: int, ttl: int = 10
     return out
 
 
-def markdown(etcd: LocalEtcd, runs: int) -> list[str]:
-    """The CLI section of bench/results.md."""
+def markdown(etcd: LocalEtcd, runs: int
+             ) -> tuple[list[str], dict[str, tuple[list[float], list[tuple[float, float]]]]]:
+    """The CLI section of bench/results.md, and the measurements it was made from."""
     from common import fmt_ms  # bench/ is on sys.path when run.py imports this
 
     m = measure(etcd, runs)
@@ -177,7 +178,7 @@ def markdown(etcd: LocalEtcd, runs: int) -> list[str]:
                      f"{fmt_ms([b for _, b in split])} | "
                      f"{statistics.median(times) / statistics.median(ctl):.2f}x |")
     lines.append("")
-    return lines
+    return lines, m
 
 
 def main() -> int:

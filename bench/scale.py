@@ -4,7 +4,8 @@ For each N: time to settle, graceful handover (resign → next leader), crash fa
 (leader stops renewing → next leader; and from its lease's expiry, seen by a raw watcher,
 to the next leader: the part that depends on N), etcd messages per handover and per
 failover, steady-state etcd messages/s against the keepalive-only expectation (3 per TTL
-per candidate), threads and memory per elector.
+per candidate), threads and memory per elector, and how many sessions the surviving
+electors lost over the run (a renewal missed under load: each is a step-down).
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ def run(endpoint: str, client_url: str, n: int, ttl: int = 5, rounds: int = 5,
                                       if k != "LeaseKeepAlive"))
                 time.sleep(0.3)
         s = stats(workers)
+        sessions_lost = sum(x["sessions_lost"] for x in s)
         threads = sum(x["threads"] for x in s) / n
         rss = sum(x["rss_kib"] for x in s) / n
     finally:
@@ -192,7 +194,8 @@ def run(endpoint: str, client_url: str, n: int, ttl: int = 5, rounds: int = 5,
                                                   if msgs["crash"] else float("nan")),
             "idle_msgs_per_s": idle_rate,
             "keepalive_expectation": n * 3 / ttl, "idle_breakdown": idle,
-            "threads_per_elector": threads, "rss_kib_per_elector": rss}
+            "threads_per_elector": threads, "rss_kib_per_elector": rss,
+            "sessions_lost": sessions_lost}
 
 
 if __name__ == "__main__":
