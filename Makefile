@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test diagrams handover cli-handover bench chaos clean
+.PHONY: demo test diagrams handover cli-handover timeline bench chaos clean
 
 # Fault tests use libfaketime (clock skew) and nftables (packet loss) from Debian when they can
 # be installed (as root, with apt); without them those tests are skipped and say why.
@@ -35,6 +35,10 @@ handover: $(STAMP)
 
 cli-handover: $(STAMP)
 	$(PY) bench/cli_handover.py
+
+# Where a handover's time goes (a diagnostic: timestamps at each hop of the successor).
+timeline: $(STAMP)
+	$(PY) bench/timeline.py
 
 # Randomized faults: make chaos SEED=7 MINUTES=30 CANDIDATES=5 (same seed, same schedule).
 chaos: $(STAMP)

@@ -38,12 +38,13 @@ def main() -> None:
     a = p.parse_args()
     client = EtcdClient.connect([a.endpoint], timeout=5)
     electors = []
-    lost: dict[int, int] = {}  # sessions lost per elector (entries into disconnected)
+    lost: dict[str, int] = {}  # sessions lost per identity (entries into disconnected)
     for i in range(a.count):
         e = Elector(client=client, election=a.election, identity=f"{a.name}-{i}", ttl=a.ttl)
         e.on_enter_leader(lambda term, me=e.config.election, n=f"{a.name}-{i}":
                           say(event="leader", identity=n, t=time.monotonic()))
-        e.on_enter_disconnected(lambda change, n=i: lost.__setitem__(n, lost.get(n, 0) + 1))
+        e.on_enter_disconnected(lambda change, n=f"{a.name}-{i}":
+                                lost.__setitem__(n, lost.get(n, 0) + 1))
         electors.append(e)
     base_threads, base_rss = threading.active_count(), rss_kib()
     for e in electors:
@@ -58,8 +59,7 @@ def main() -> None:
                 followers=states.count("follower"), candidates=states.count("candidate"),
                 disconnected=states.count("disconnected"),
                 threads=threading.active_count() - base_threads, rss_kib=rss_kib() - base_rss,
-                sessions_lost=sum(n for i, n in lost.items()
-                                  if f"{a.name}-{i}" in {e.identity for e in electors}))
+                sessions_lost=sum(lost.get(e.identity, 0) for e in electors))
         elif cmd in ("resign", "crash"):
             leaders = [e for e in electors if e.state == "leader"]
             if leaders:

@@ -731,21 +731,20 @@ class LocalEtcd(_StartStop):
         """SIGKILL etcd and reap it; the data dir is kept, so :meth:`restart` brings it back."""
         self._res.kill()
 
-    def _signal(self, sig: signal.Signals) -> None:
+    def _signal(self, sig: signal.Signals) -> subprocess.Popen[bytes]:
         proc = self._res.proc
         if proc is None or proc.poll() is not None:
             raise RuntimeError(f"{self!r} is not running")
         proc.send_signal(sig)
+        return proc
 
     def pause(self) -> None:
         """SIGSTOP: etcd stays alive but answers nothing until :meth:`resume`. Returns once
         every thread of it has stopped (the signal is delivered to each asynchronously, and
         a thread still running could answer one more request)."""
-        self._signal(signal.SIGSTOP)
-        proc = self._res.proc
-        assert proc is not None
+        pid = self._signal(signal.SIGSTOP).pid
         deadline = time.monotonic() + 2.0
-        while not _all_threads_stopped(proc.pid) and time.monotonic() < deadline:
+        while not _all_threads_stopped(pid) and time.monotonic() < deadline:
             time.sleep(0.001)
 
     def resume(self) -> None:

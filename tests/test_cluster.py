@@ -12,7 +12,7 @@ import pytest
 from scenario_kit import eventually
 
 from electfsm.embedded import LocalCluster, LocalEtcd, make_test_pki
-from electfsm.errors import EtcdError
+from electfsm.errors import EtcdError, EtcdUnavailable
 from electfsm.etcd import EtcdClient
 
 
@@ -119,6 +119,30 @@ def test_pausing_two_of_three_loses_quorum_until_they_resume(
             m.resume()
     eventually(lambda: writer.put(k, b"after"))
     assert client(paused[0]).range(k).kvs[0].value == b"after"
+
+
+def test_a_write_etcd_cannot_commit_is_reported_as_lost_quorum_not_as_unreachable(
+        cluster: LocalCluster, client: Callable[..., EtcdClient]) -> None:
+    """With a client deadline longer than etcd's own request timeout (5 s + 2 election
+    timeouts), the leader answers "etcdserver: request timed out" itself: the error says the
+    cluster may lack quorum, not that etcd is unreachable or not running."""
+    leader = cluster.leader_index()
+    assert leader is not None
+    paused = [m for i, m in enumerate(cluster.members) if i != leader]
+    writer = client(cluster.members[leader], timeout=15.0)
+    k = key()
+    writer.put(k, b"before")
+    for m in paused:
+        m.pause()
+    try:
+        with pytest.raises(EtcdUnavailable, match=r"could not serve it \(etcdserver: request "
+                                                  r"timed out\); the cluster may be without "
+                                                  r"a leader or quorum"):
+            writer.put(k, b"without quorum")
+    finally:
+        for m in paused:
+            m.resume()
+    eventually(lambda: writer.put(k, b"after"))
 
 
 def test_stop_removes_every_process_and_temp_dir_and_data_root_keeps_data(
