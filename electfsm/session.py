@@ -188,5 +188,11 @@ class SessionWatch:
             if granted <= 0:
                 return "etcd says the lease expired or was revoked (TTL 0)"
             with self._lock:
-                self._safe_until = safe_until(now, granted, margin)
+                # Taken in past the deadline (a stall while etcd answered): someone may have
+                # seen the term end already, so it must not come back.
+                late = self._clock() >= self._safe_until
+                if not late:
+                    self._safe_until = safe_until(now, granted, margin)
+            if late:
+                return "no keepalive confirmed before the local deadline"
             next_at = now + interval

@@ -46,7 +46,11 @@ class Term:
 
     def remaining(self) -> float:
         """Seconds left before :attr:`deadline`; zero or less means leadership is over."""
-        return self._deadline() - self._clock()
+        # The clock first: a deadline already passed at that instant is never extended
+        # afterwards (the session refuses a renewal taken in late), so an ended term stays
+        # ended for every reader.
+        now = self._clock()
+        return self._deadline() - now
 
     @property
     def valid(self) -> bool:

@@ -546,3 +546,52 @@ def test_client_and_endpoints_together_are_refused(etcd: LocalEtcd) -> None:
             Elector(client=client, endpoints=[etcd.endpoint], election="x", identity="n")
     finally:
         client.close()
+
+
+def test_a_renewal_answered_only_after_the_local_deadline_does_not_revive_the_term(
+        make_etcd: Callable[..., LocalEtcd], election: str) -> None:
+    """The renewal's answer is taken in only once the local deadline has passed (here: the
+    session's clock jumps past it while etcd answers; in life: the process stalled). Anyone
+    may have seen the term end by then, so the session is lost; the term never turns valid
+    again, though etcd did renew the lease."""
+    from electfsm.config import ElectorConfig
+    from electfsm.events import SessionLost, SessionUp
+    from electfsm.session import SessionWatch
+
+    server = make_etcd()
+    offset = [0.0]
+
+    def clock() -> float:
+        return time.monotonic() + offset[0]
+
+    jumped = threading.Event()
+    seen: dict[str, float] = {}
+
+    class LateAnswers(EtcdClient):
+        def keepalive(self, lease: int, *, timeout: float | None = None) -> int:
+            granted = super().keepalive(lease, timeout=timeout)
+            if not jumped.is_set():  # the first renewal: its answer arrives too late
+                seen["deadline"] = session.deadline(session.generation)
+                offset[0] = seen["deadline"] + 0.5 - time.monotonic()
+                seen["at"] = clock()
+                jumped.set()
+            return int(granted)
+
+    events: list[object] = []
+    config = ElectorConfig(endpoints=[server.endpoint], election=election, identity="a",
+                           ttl=6, margin=0.5)
+    client = LateAnswers([server.endpoint], timeout=2)
+    session = SessionWatch(client, config, events.append, clock=clock)
+    try:
+        session.start()
+        assert jumped.wait(10), "no renewal was sent"
+        time.sleep(0.3)
+        generation = next(e.generation for e in events if isinstance(e, SessionUp))
+        # past the old deadline, yet well inside what a renewal sent before the jump buys
+        assert seen["at"] > seen["deadline"]
+        assert session.deadline(generation) < clock(), "the term came back to life"
+        assert any(isinstance(e, SessionLost) and e.generation == generation
+                   and "local deadline" in e.reason for e in events), events
+    finally:
+        session.stop(5)
+        client.close()
