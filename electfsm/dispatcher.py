@@ -16,7 +16,6 @@ import attrs
 
 from electfsm.errors import HookError
 from electfsm.events import (
-    Deposed,
     Elected,
     ErrorReported,
     Event,
@@ -95,6 +94,8 @@ class Dispatcher:
         self._pending: Term | None = None
         self._reason = ""
         self._elected_revision = 0
+        #: The non-``Exception`` a hook raised (or our own failure): the machine stops on it.
+        self.fatal: BaseException | None = None
         self._model = _Model()
         self._machine = build_machine(self._model)
         for state in STATES:
@@ -118,7 +119,8 @@ class Dispatcher:
         """Who leads as far as this node can tell; never an unconfirmed "us"."""
         state = self.state
         if state == "leader" and self.term is not None:
-            return self.term.info
+            # A term past its deadline is over even before session_lost is applied.
+            return self.term.info if self.term.valid else None
         if state == "disconnected":
             return None
         if self.observed is not None and self.observed.key == self.our_key:
@@ -127,10 +129,31 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ events
     def apply(self, event: Event) -> None:
-        """Apply one event. Never raises for a hook's error; drops stale and late events."""
+        """Apply one event. Never raises for a hook's error; drops stale and late events.
+
+        A hook that raises something other than an :class:`Exception` (``SystemExit``,
+        ``KeyboardInterrupt``, ...) stops the machine once this event is applied, as
+        :meth:`Elector.stop` would: leadership ends, the lease is revoked, the threads end.
+        """
         if self.stopped:
             log.debug("%s: stopped, dropping %r", self.election, event)
             return
+        self._apply(event)
+        if self.fatal is not None and not self.stopped:
+            self.abort(self.fatal)
+            self._announce_leader()
+
+    def abort(self, error: BaseException) -> None:
+        """Stop the machine because ``error`` makes going on unsafe; release everything."""
+        if self.stopped:
+            return
+        self.fatal = self.fatal or error
+        log.error("%s: stopping the elector and releasing its lease: %s", self.election, error)
+        self._fire("stop", f"stopped: {error}")
+        self.stopped = True
+        self.effects.shutdown()
+
+    def _apply(self, event: Event) -> None:
         if isinstance(event, SessionUp):
             self._session_up(event)
         elif isinstance(event, SessionLost):
@@ -140,11 +163,8 @@ class Dispatcher:
             self._elected(event)
         elif isinstance(event, LeaderSeen):
             self._leader_seen(event)
-        elif isinstance(event, Deposed):
-            if self._current(event.generation, event) and self.state == "leader":
-                self._depose(event.reason)
         elif isinstance(event, Resign):
-            self._resign()
+            self._resign(event.token)
         elif isinstance(event, Stop):
             self._fire("stop", "stop() called")
             self.stopped = True
@@ -183,6 +203,14 @@ class Dispatcher:
             self.effects.recampaign(self.generation)
             return
         generation = self.generation
+        late = self.clock() - self.effects.deadline(generation)
+        if late >= 0:
+            # The confirmation waited in the queue (behind a slow hook, say) past the session's
+            # deadline: etcd may have expired our key since, so it proves nothing any more.
+            log.warning("%s: elected at revision %d, but the session's deadline passed %.3fs "
+                        "ago; not leading a term that is already over", self.election,
+                        event.revision, late)
+            return
         self._pending = Term(
             election=self.election, identity=self.identity, value=self.value, key=event.key,
             token=event.create_revision, lease=self.lease, generation=generation,
@@ -223,9 +251,13 @@ class Dispatcher:
             self.effects.recampaign(generation)
         self._follow_observed()
 
-    def _resign(self) -> None:
+    def _resign(self, token: int | None) -> None:
         if self.state != "leader" or self.term is None or self.generation is None:
             log.info("%s: resign() while %s: nothing to resign", self.election, self.state)
+            return
+        if token is not None and token != self.term.token:
+            log.info("%s: resign() was meant for the term with token %d, not this one (%d); "
+                     "ignored", self.election, token, self.term.token)
             return
         key, token, generation = self.term.key, self.term.token, self.generation
         self._fire("resign", "resign() called")
@@ -243,12 +275,26 @@ class Dispatcher:
     def _on_enter(self, event: Any) -> None:
         dest: State = event.transition.dest
         if dest == "leader":
-            self.term, self._pending = self._pending, None
-            assert self.term is not None
-            self.effects.bind_term(self.term)
-            self._run_hooks("enter_leader", self.term)
+            term, self._pending = self._pending, None
+            assert term is not None
+            self.term = term
+            self.effects.bind_term(term)
+            # Each leader hook and each piece of work starts only while the term is alive: a
+            # slow earlier hook can outlast the deadline (the session then ends the term).
+            self._run_hooks("enter_leader", term, alive=lambda: self._alive(term))
             for work in self.hooks.work:
-                self.effects.start_work(work, self.term)
+                if not self._alive(term):
+                    log.warning("%s: term %d ended before run_while_leader work %s could start",
+                                self.election, term.token, getattr(work, "__qualname__", work))
+                    break
+                try:
+                    self.effects.start_work(work, term)
+                except Exception as exc:  # e.g. "can't start new thread"
+                    # Leading without the work the user asked for is not leading: stop and
+                    # release the election rather than hold it idle.
+                    self.fatal = self.fatal or exc
+                    self._report(exc, "run_while_leader")
+                    break
         else:
             self._run_hooks(f"enter_{dest}", self._change(event))
 
@@ -266,6 +312,9 @@ class Dispatcher:
         return Change(source=event.transition.source, dest=event.transition.dest,
                       trigger=event.event.name, reason=self._reason)
 
+    def _alive(self, term: Term) -> bool:
+        return self.fatal is None and self.term is term and term.valid
+
     def _announce_leader(self) -> None:
         now = self.leader
         old = self._reported
@@ -275,14 +324,28 @@ class Dispatcher:
         self._run_hooks("leader_change", old, now)
 
     # ------------------------------------------------------------------ hooks
-    def _run_hooks(self, name: str, *args: Any) -> None:
+    def _run_hooks(self, name: str, *args: Any,
+                   alive: Callable[[], bool] | None = None) -> None:
         for fn in list(self.hooks.get(name)):
+            if alive is not None and not alive():
+                log.warning("%s: the term ended while on_%s hooks ran; %s not run",
+                            self.election, name, getattr(fn, "__qualname__", fn))
+                return
             try:
                 fn(*args)
             except Exception as exc:
                 log.exception("%s: hook on_%s (%s) raised; the elector goes on",
                               self.election, name, getattr(fn, "__qualname__", fn))
                 self._report(HookError(f"on_{name}", exc), f"on_{name}")
+            except BaseException as exc:
+                # SystemExit, KeyboardInterrupt, ...: it would end only the dispatcher thread
+                # while the lease stays renewed; instead the machine stops and releases it.
+                log.error("%s: hook on_%s (%s) raised %s; the elector stops",
+                          self.election, name, getattr(fn, "__qualname__", fn),
+                          type(exc).__name__)
+                error = HookError(f"on_{name}", exc)
+                self.fatal = self.fatal or error
+                self._report(error, f"on_{name}")
 
     def _report(self, error: BaseException, where: str) -> None:
         for fn in list(self.hooks.get("error")):
@@ -291,6 +354,10 @@ class Dispatcher:
             except Exception:
                 log.exception("%s: on_error hook raised while reporting %r from %s",
                               self.election, error, where)
+            except BaseException as exc:
+                log.error("%s: on_error hook raised %s; the elector stops", self.election,
+                          type(exc).__name__)
+                self.fatal = self.fatal or HookError("on_error", exc)
 
 
 def _same_leader(a: LeaderInfo | None, b: LeaderInfo | None) -> bool:
