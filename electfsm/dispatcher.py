@@ -27,7 +27,7 @@ from electfsm.events import (
     Stop,
 )
 from electfsm.hooks import Hooks
-from electfsm.machine import STATES, State, build_machine
+from electfsm.machine import STATES, State, build_machine, internal, legal
 from electfsm.term import Term
 
 log = logging.getLogger("electfsm")
@@ -94,6 +94,7 @@ class Dispatcher:
         self._pending: Term | None = None
         self._reason = ""
         self._elected_revision = 0
+        self._begun = False  # whether the current term was alive when it entered leader
         #: The non-``Exception`` a hook raised (or our own failure): the machine stops on it.
         self.fatal: BaseException | None = None
         self._model = _Model()
@@ -101,7 +102,6 @@ class Dispatcher:
         for state in STATES:
             st = self._machine.get_state(state)
             st.add_callback("enter", self._on_enter)
-            st.add_callback("exit", self._on_exit)
 
     # ------------------------------------------------------------------ views
     @property
@@ -266,11 +266,35 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ machine plumbing
     def _fire(self, trigger: str, reason: str) -> None:
+        """Take the table's transition for ``trigger``, running the exit hooks first.
+
+        The source's exit hooks run here rather than inside the ``transitions`` machine, so
+        that a term that died while they ran (a slow ``on_exit_follower`` outlasting the
+        deadline) is never entered: the machine goes to ``disconnected`` instead, as the
+        session's own ``session_lost`` would take it.
+        """
+        source = self.state
+        dest = legal(source, trigger)
+        if dest is None:
+            return
         self._reason = reason
-        before = self.state
+        if not internal(source, trigger):
+            self._exit(source, Change(source=source, dest=dest, trigger=trigger, reason=reason))
+            if dest == "leader" and not self._pending_alive():
+                self._pending = None
+                trigger, dest = "session_lost", "disconnected"
+                reason = self._reason = ("the term ended before it began (deadline passed or "
+                                         f"elector stopping while leaving {source})")
         if self._model.trigger(trigger):  # type: ignore[attr-defined]
             self.transitions += 1
-            log.info("%s: %s --%s--> %s (%s)", self.election, before, trigger, self.state, reason)
+            log.info("%s: %s --%s--> %s (%s)", self.election, source, trigger, self.state, reason)
+        if self.state == "leader" and not self._begun:
+            # Died between that check and the first hook: leave before anyone sees us lead.
+            self._fire("session_lost", "the term ended as it began")
+
+    def _pending_alive(self) -> bool:
+        term = self._pending
+        return self.fatal is None and term is not None and term.valid
 
     def _on_enter(self, event: Any) -> None:
         dest: State = event.transition.dest
@@ -279,6 +303,9 @@ class Dispatcher:
             assert term is not None
             self.term = term
             self.effects.bind_term(term)
+            self._begun = self._alive(term)
+            if not self._begun:
+                return
             # Each leader hook and each piece of work starts only while the term is alive: a
             # slow earlier hook can outlast the deadline (the session then ends the term).
             self._run_hooks("enter_leader", term, alive=lambda: self._alive(term))
@@ -298,15 +325,15 @@ class Dispatcher:
         else:
             self._run_hooks(f"enter_{dest}", self._change(event))
 
-    def _on_exit(self, event: Any) -> None:
-        source: State = event.transition.source
+    def _exit(self, source: State, change: Change) -> None:
         if source == "leader" and self.term is not None:
             term, self.term = self.term, None
-            term.ended_by = event.event.name
+            term.ended_by = change.trigger
             term.cancelled.set()
-            self._run_hooks("exit_leader", term)
+            if self._begun:  # on_exit_leader pairs with an on_enter_leader that started
+                self._run_hooks("exit_leader", term)
         elif source != "leader":
-            self._run_hooks(f"exit_{source}", self._change(event))
+            self._run_hooks(f"exit_{source}", change)
 
     def _change(self, event: Any) -> Change:
         return Change(source=event.transition.source, dest=event.transition.dest,

@@ -315,7 +315,9 @@ class Elector(HookMethods):
         by = self._stop_by if self._stop_by < float("inf") else time.monotonic() + 10.0
         # The term is cancelled by now. Let run_while_leader work finish while the lease
         # (and so our key) still holds the election: the next leader's work cannot overlap.
-        self._await_work(min(self.work_grace, max(0.0, by - time.monotonic())))
+        left = max(0.0, by - time.monotonic())
+        # Half of what is left (at most a call's time) stays for the revoke and the joins.
+        self._await_work(min(self.work_grace, left - min(left / 2, self.config.call_timeout)))
         # The revoke gets at least one call's time, whatever stop(timeout) asked for.
         self._session.stop(max(by - time.monotonic(), self.config.call_timeout + 1),
                            revoke=self._revoke)

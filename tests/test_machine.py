@@ -266,6 +266,23 @@ def test_leader_hooks_and_work_stop_starting_once_a_slow_hook_outlasts_the_deadl
     assert h.state == "disconnected" and ran == ["slow", "exit"]
 
 
+def test_a_slow_exit_follower_hook_outlasting_the_deadline_never_enters_leader(
+        h: Harness) -> None:
+    calls = record(h)
+    named_us: list[object] = []
+    h.on_leader_change(lambda old, new: named_us.append(new) if new is not None
+                       and new.identity == "node-a" else None)
+    elected = _other_leads_then_elected_waits(h)
+    h.on_exit_follower(lambda change: h.clock.advance(h.ttl))  # etcd paused meanwhile
+    h.inject(elected)
+    assert h.state == "disconnected", "the session ended: it is not led"
+    assert "enter_leader" not in calls and "exit_leader" not in calls
+    assert calls[-2:] == ["exit_follower", "enter_disconnected"]
+    assert named_us == [] and h.work == []
+    h.advance(0)  # the session's own SessionLost, queued behind, changes nothing
+    assert h.state == "disconnected" and calls.count("enter_disconnected") == 1
+
+
 # ---------------------------------------------------------------- non-Exception hook errors
 @pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt()])
 def test_a_hook_raising_a_base_exception_stops_the_machine_and_releases(
