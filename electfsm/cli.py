@@ -643,6 +643,7 @@ class _CampaignRun:
     def _work(self, term: Term) -> None:
         assert self.command is not None
         with self.term_lock:  # the previous term's command is gone before this one starts
+            failure: OSError | None = None
             with self.lock:
                 if self.closed or not term.valid:
                     return
@@ -650,11 +651,14 @@ class _CampaignRun:
                     child = _Child(self.command, self._env(term))
                 except OSError as exc:
                     self.closed = self.leaving = True
-                    log.error("cannot start %s: %s", self.command[0], exc.strerror or exc)
-                    self._finish(EXIT_ERROR)
-                    return
-                wake = threading.Event()
-                self.child, self.child_wake = child, wake
+                    failure = exc
+                else:
+                    wake = threading.Event()
+                    self.child, self.child_wake = child, wake
+            if failure is not None:  # _finish takes the lock
+                log.error("cannot start %s: %s", self.command[0], failure.strerror or failure)
+                self._finish(EXIT_ERROR)
+                return
             log.info("%s: started %s (pid %d) for term %d", term.election,
                      " ".join(self.command), child.pid, term.token)
             threading.Thread(target=_relay, args=(child.exited, wake), daemon=True).start()
