@@ -21,13 +21,15 @@ from cli_kit import (
     Proc,
     alive,
     candidates,
+    clean_env,
     electfsm,
     read_log,
+    run,
     wait_candidates,
     wait_log,
 )
 
-from electfsm.embedded import LocalEtcd
+from electfsm.embedded import LocalEtcd, free_port
 from electfsm.faultproxy import FaultProxy
 from electfsm.supervisor import GUARD
 
@@ -126,7 +128,75 @@ def test_command_and_its_group_die_with_a_sigkilled_campaign(
     assert second["t"] > last_line_of(log, family), "the next command never overlaps"
 
 
-# ---------------------------------------------------------------------------- exit codes
+# ---------------------------------------------------------------------------- promises
+def test_default_grace_ends_a_sigterm_ignoring_command_before_anyone_else_can_lead(
+        etcd: LocalEtcd, proxy: FaultProxy, election: str, tmp_path: Path,
+        procs: Procs) -> None:
+    """etcd answers node-b but no longer node-a: node-a's command, which ignores SIGTERM, is
+    killed after the default --grace (half the margin) while node-a's key still holds the
+    election, so before node-b, waiting right there, can lead."""
+    ttl, margin = 5, 2.0  # a wide margin: the test reads etcd after seeing the command die
+    log = tmp_path / "children.log"
+    procs(electfsm("campaign", election, "node-a", "--ttl", str(ttl), "--margin", str(margin),
+                   "--endpoints", proxy.endpoint, "--", *CHILD, str(log), "ignore+fork"))
+    first = wait_log(log, lambda e: e["event"] == "start")
+    grandchild = wait_log(log, lambda e: e["event"] == "fork")
+    procs(electfsm("campaign", election, "node-b", "--ttl", str(ttl),
+                   "--endpoints", etcd.endpoint, "--", *CHILD, str(log), "honour"))
+    wait_candidates(etcd.endpoint, election, 2)
+
+    proxy.blackhole()
+    wait_log(log, lambda e: e["event"] == "term" and e["pid"] == first["pid"],
+                    timeout=ttl + 5)
+    family = {first["pid"], grandchild["pid"]}
+    wait_until(lambda: not any(alive(pid) for pid in family), ttl + 5,
+               "SIGKILL after --grace")
+    assert key_of(first) in keys(etcd.endpoint, election), \
+        "the command was gone while node-a's key still led: nobody else could lead yet"
+
+    second = wait_log(log, lambda e: e["event"] == "start" and e["who"] == "node-b",
+                      timeout=ttl + 10)
+    assert second["t"] > last_line_of(log, family)
+
+
+@pytest.mark.parametrize("mode", ["linger:1", "ignore"])
+def test_stopped_campaign_ends_its_command_before_giving_up_the_lease(
+        etcd: LocalEtcd, election: str, tmp_path: Path, procs: Procs, mode: str) -> None:
+    """SIGTERM to node-a: its command (which takes 1 s to exit, or ignores SIGTERM and is
+    killed after --grace) is gone before node-a's key is, so node-b's command, waiting for
+    the key, starts only after it."""
+    log = tmp_path / "children.log"
+    a = procs(electfsm("campaign", election, "node-a", "--ttl", "4", "--grace", "1.5",
+                       "--endpoints", etcd.endpoint, "--", *CHILD, str(log), mode))
+    first = wait_log(log, lambda e: e["event"] == "start")
+    procs(electfsm("campaign", election, "node-b", "--ttl", "4",
+                   "--endpoints", etcd.endpoint, "--", *CHILD, str(log), "honour"))
+    wait_candidates(etcd.endpoint, election, 2)
+
+    a.signal(signal.SIGTERM)
+    assert a.wait() == 0, a.stderr
+    second = wait_log(log, lambda e: e["event"] == "start" and e["who"] == "node-b")
+    mine = [e for e in read_log(log) if e["pid"] == first["pid"]]
+    assert [e["event"] for e in mine].count("term") == 1
+    if mode == "ignore":
+        assert mine[-1]["event"] == "beat", "killed, not ended"
+    else:
+        assert mine[-1]["event"] == "end"
+    assert second["t"] > mine[-1]["t"], "node-b's command starts after node-a's is gone"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_command_killed_by_a_signal_exits_128_plus_the_signal(
+        etcd: LocalEtcd, election: str, tmp_path: Path, procs: Procs, sig: int) -> None:
+    log = tmp_path / "child.log"
+    a = procs(electfsm("campaign", election, "node-a", "--ttl", "4",
+                       "--endpoints", etcd.endpoint, "--", *CHILD, str(log),
+                       f"signal:{int(sig)}"))
+    assert a.wait() == 128 + sig, a.stderr
+    assert [e["event"] for e in read_log(log)] == ["start"], "it ran, then the signal ended it"
+    assert candidates(etcd.endpoint, election) == [], "resigned"
+
+
 def test_command_that_cannot_start_exits_1(
         etcd: LocalEtcd, election: str, tmp_path: Path, procs: Procs) -> None:
     """An executable file whose interpreter does not exist passes the checks made before
@@ -140,3 +210,44 @@ def test_command_that_cannot_start_exits_1(
     assert f"cannot start {script}" in a.stderr
     assert "Traceback" not in a.stderr
     assert candidates(etcd.endpoint, election) == [], "resigned"
+
+
+# ---------------------------------------------------------------------------- endpoints
+def test_command_gets_the_endpoints_electfsm_uses(
+        etcd: LocalEtcd, proxy: FaultProxy, election: str, tmp_path: Path,
+        procs: Procs) -> None:
+    """ELECTFSM_ENDPOINTS in the command's environment is what --endpoints said, even when
+    electfsm itself was started with another ELECTFSM_ENDPOINTS."""
+    log = tmp_path / "child.log"
+    endpoints = f"http://{etcd.endpoint},{proxy.endpoint}"
+    unused = f"127.0.0.1:{free_port()}"
+    procs(electfsm("campaign", election, "node-a", "--ttl", "4", "--endpoints", endpoints,
+                   "--", *CHILD, str(log), "honour"),
+          env=clean_env(ELECTFSM_ENDPOINTS=unused))
+    start = wait_log(log, lambda e: e["event"] == "start")
+    assert start["env"]["ELECTFSM_ENDPOINTS"] == endpoints
+
+
+def test_etcdctl_endpoints_is_the_fallback_without_endpoints(
+        etcd: LocalEtcd, election: str, tmp_path: Path, procs: Procs) -> None:
+    """No --endpoints and no $ELECTFSM_ENDPOINTS: $ETCDCTL_ENDPOINTS (as etcdctl users set it)
+    is used, and passed on to the command; $ELECTFSM_ENDPOINTS comes before it."""
+    log = tmp_path / "child.log"
+    nowhere = f"127.0.0.1:{free_port()}"
+    env = clean_env(ETCDCTL_ENDPOINTS=f"http://{etcd.endpoint}")
+    procs(electfsm("campaign", election, "node-a", "--ttl", "4", "--connect-timeout", "20",
+                   "--", *CHILD, str(log), "honour"), env=env)
+    start = wait_log(log, lambda e: e["event"] == "start", timeout=25)
+    assert start["env"]["ELECTFSM_ENDPOINTS"] == f"http://{etcd.endpoint}"
+    assert keys(etcd.endpoint, election) == [key_of(start)], "it leads on that etcd"
+
+    leader = run("leader", election, env=env)
+    assert leader.returncode == 0, leader.stderr
+    assert leader.stdout.splitlines() == [key_of(start), "node-a"]
+    first = run("leader", election, "--connect-timeout", "20",
+                env=clean_env(ELECTFSM_ENDPOINTS=etcd.endpoint, ETCDCTL_ENDPOINTS=nowhere))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == [key_of(start), "node-a"]
+    ignored = run("leader", election, "--connect-timeout", "1",
+                  env=clean_env(ELECTFSM_ENDPOINTS=nowhere, ETCDCTL_ENDPOINTS=etcd.endpoint))
+    assert ignored.returncode == 4, "ETCDCTL_ENDPOINTS is only the fallback"
