@@ -17,7 +17,10 @@ seconds. So a command, its children and their children never outlive electfsm by
 our local step-down deadline by at least the margin, and ``grace`` defaults to half of it.
 
 This works on any POSIX system (the guard needs only the socket). On Linux the guard also asks
-for ``PR_SET_PDEATHSIG`` as a second trigger. Windows is not supported (no process groups).
+for ``PR_SET_PDEATHSIG`` as a second trigger (it then checks ``getppid()``, so the end of the
+thread that started it is not taken for electfsm's death). Where there is no /proc (macOS, the
+BSDs) a group whose processes have all exited cannot be told from a running one, so a stop
+may wait the whole ``grace`` before its SIGKILL. Windows is not supported (no process groups).
 """
 
 from __future__ import annotations
