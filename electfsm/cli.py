@@ -642,8 +642,13 @@ class _CampaignRun:
             on_its_own = child.exited.is_set()
             leaving = self.leaving
         if on_its_own:
-            code = _exit_code_of(child.returncode if child.returncode is not None else 0)
-            log.info("%s: the command exited with code %d; resigning", term.election, code)
+            if child.returncode is None:
+                code = EXIT_ERROR
+                log.error("%s: the command's guard process died and the command with it; "
+                          "resigning", term.election)
+            else:
+                code = _exit_code_of(child.returncode)
+                log.info("%s: the command exited with code %d; resigning", term.election, code)
             with self.lock:
                 self.closed = self.leaving = True
             child.stragglers(self.grace)

@@ -67,7 +67,8 @@ class Child:
         self._sock = ours
         self._buffer = b""
         self._closing = False
-        self.returncode: int | None = None
+        self.returncode: int | None = None  # once exited: as Popen has it (-S: signal S)
+        self.guard_lost = False             # once exited: the guard died, we killed the group
         self.exited = threading.Event()
         try:
             ours.settimeout(START_TIMEOUT)
@@ -109,10 +110,10 @@ class Child:
         elif self._closing:  # closed before the command exited: the guard ends the group
             self.returncode = -signal.SIGKILL
         else:  # only when the guard was killed: the command is unguarded, end it now
-            log.error("the guard of the command (pid %d) is gone; killing process group %d",
-                      self.guard.pid, self.pid)
+            log.error("the guard process %d of the command is gone; killing the command's "
+                      "process group %d", self.guard.pid, self.pid)
             self.signal_group(signal.SIGKILL)
-            self.returncode = -signal.SIGKILL
+            self.guard_lost = True
         self.exited.set()
 
     def signal_group(self, sig: int) -> bool:

@@ -251,3 +251,25 @@ def test_etcdctl_endpoints_is_the_fallback_without_endpoints(
     ignored = run("leader", election, "--connect-timeout", "1",
                   env=clean_env(ELECTFSM_ENDPOINTS=nowhere, ETCDCTL_ENDPOINTS=etcd.endpoint))
     assert ignored.returncode == 4, "ETCDCTL_ENDPOINTS is only the fallback"
+
+
+def test_killed_guard_takes_the_command_down_and_exits_1(
+        etcd: LocalEtcd, election: str, tmp_path: Path, procs: Procs) -> None:
+    """Should the guard itself be killed, the command is unguarded: electfsm kills its group,
+    resigns and exits 1 (an error, not an exit code of the command)."""
+    log = tmp_path / "child.log"
+    a = procs(electfsm("campaign", election, "node-a", "--ttl", "4",
+                       "--endpoints", etcd.endpoint, "--", *CHILD, str(log), "ignore+fork"))
+    first = wait_log(log, lambda e: e["event"] == "start")
+    grandchild = wait_log(log, lambda e: e["event"] == "fork")
+    [guard] = [pid for pid in children_of(a.pid) if GUARD in cmdline(pid)]
+    os.kill(guard, signal.SIGKILL)
+    try:
+        assert a.wait() == 1, a.stderr
+    finally:
+        if alive(first["pid"]) or alive(grandchild["pid"]):
+            os.killpg(first["pgid"], signal.SIGKILL)
+    assert "guard process" in a.stderr
+    wait_until(lambda: not alive(first["pid"]) and not alive(grandchild["pid"]), 5,
+               "the unguarded command is killed")
+    assert candidates(etcd.endpoint, election) == [], "resigned"
