@@ -606,22 +606,24 @@ class _CampaignRun:
     def _work(self, term: Term) -> None:
         assert self.command is not None
         with self.term_lock:  # the previous term's command is gone before this one starts
-            failure: OSError | None = None
             with self.lock:
                 if self.closed or not term.valid:
                     return
-                try:
-                    child = Child(self.command, self._env(term), self.grace)
-                except OSError as exc:
+            # Not under self.lock: starting the guard is an interpreter start, and the hooks
+            # (the dispatcher thread) take that lock.
+            try:
+                child = Child(self.command, self._env(term), self.grace)
+            except OSError as exc:
+                with self.lock:
                     self.closed = self.leaving = True
-                    failure = exc
-                else:
-                    wake = threading.Event()
-                    self.child, self.child_wake = child, wake
-            if failure is not None:  # _finish takes the lock
-                log.error("cannot start %s: %s", self.command[0], failure.strerror or failure)
+                log.error("cannot start %s: %s", self.command[0], exc.strerror or exc)
                 self._finish(EXIT_ERROR)
                 return
+            wake = threading.Event()
+            with self.lock:
+                self.child, self.child_wake = child, wake
+                if self.closed:  # stop_command() came while it was starting
+                    wake.set()
             try:
                 self._supervise(term, child, wake)
             finally:
