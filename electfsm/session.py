@@ -39,6 +39,8 @@ from electfsm.events import ErrorReported, Event, SessionLost, SessionUp
 log = logging.getLogger("electfsm.session")
 
 LATE = "no keepalive confirmed before the local deadline"
+#: A call given less time than this could not be answered; it is not sent.
+MIN_CALL = 0.01
 STOPPED = "stopped"
 
 
@@ -185,7 +187,7 @@ class SessionWatch:
         budget_end = sent + (until - sent) / 2
         for lease in leases:
             timeout = min(self._config.call_timeout, ttl / 4, budget_end - self._clock())
-            if timeout <= 0:
+            if timeout < MIN_CALL:
                 log.info("%s: no time left to revoke lost lease %x; it expires on its own",
                          self._config.election, lease)
                 continue
@@ -250,11 +252,14 @@ class SessionWatch:
                 return LATE
             if now < next_at:
                 continue
+            # half the time left at most: a hung endpoint must leave room to retry on the
+            # next one before the deadline
+            timeout = min(self._config.call_timeout, (deadline - now) / 2)
+            if timeout < MIN_CALL:  # no renewal could come back in time: wait for the end
+                next_at = deadline
+                continue
             try:
-                # half the time left at most: a hung endpoint must leave room to retry on
-                # the next one before the deadline
-                granted = self._client.keepalive(
-                    lease, timeout=min(self._config.call_timeout, (deadline - now) / 2))
+                granted = self._client.keepalive(lease, timeout=timeout)
             except LeaseNotFound:
                 return "etcd no longer knows the lease"
             except EtcdError as exc:
