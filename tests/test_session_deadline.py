@@ -148,12 +148,17 @@ def ctl(etcdctl: str, endpoint: str, *args: str) -> None:
 
 
 @pytest.fixture
-def auth_etcd(make_etcd: Callable[..., LocalEtcd], etcdctl: str) -> LocalEtcd:
+def auth_etcd(make_etcd: Callable[..., LocalEtcd], etcdctl: str, election: str) -> LocalEtcd:
+    """etcd with auth on; user 'scheduler' may read and write the election's keys."""
     server = make_etcd(extra_args=["--auth-token=simple"])
     e = server.endpoint
     ctl(etcdctl, e, "user", "add", "root", f"--new-user-password={ROOT_PW}")
     ctl(etcdctl, e, "user", "grant-role", "root", "root")
+    ctl(etcdctl, e, "role", "add", "elector")
+    ctl(etcdctl, e, "role", "grant-permission", "elector", "readwrite", f"{election}/",
+        "--prefix=true")
     ctl(etcdctl, e, "user", "add", "scheduler", f"--new-user-password={USER_PW}")
+    ctl(etcdctl, e, "user", "grant-role", "scheduler", "elector")
     ctl(etcdctl, e, "auth", "enable")
     return server
 
@@ -216,3 +221,34 @@ def test_a_renewal_does_not_wait_for_another_call_renewing_the_auth_token(
 def _ignore_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     with contextlib.suppress(Exception):
         fn(*args, **kwargs)
+
+
+def test_a_session_renewing_its_token_against_a_blackholed_etcd_steps_down_at_the_deadline(
+        proxied_auth_client: tuple[EtcdClient, FaultProxy], election: str) -> None:
+    """The whole story: the keepalive stream must be reopened with a fresh token just as
+    etcd stops answering. The term is cancelled and SessionLost emitted at the deadline,
+    not when the 30 s call timeout of the token renewal would have run out."""
+    client, proxy = proxied_auth_client
+    config = ElectorConfig(endpoints=list(client.hosts), election=election,
+                           identity="node-a", ttl=2, call_timeout=client.timeout,
+                           backoff_max=0.3, auth=Auth(user="scheduler", password=USER_PW))
+    emitted = Recorder()
+    session = SessionWatch(client, config, emitted)
+    session.start()
+    try:
+        wait_for(lambda: bool(emitted.of(SessionUp, 1)), 20, "the first session is up")
+        term_cancelled = StampedEvent()
+        session.bind(1, term_cancelled)
+        first = session.deadline(1)
+        wait_for(lambda: session.deadline(1) > first, 20, "a renewal on the first stream")
+        reopen_with_a_new_token(client)
+        proxy.blackhole()
+        deadline = session.deadline(1)  # nothing can be renewed any more
+        wait_for(lambda: bool(emitted.of(SessionLost, 1)), 40, "SessionLost")
+        lost_at = emitted.of(SessionLost, 1)[0][0]
+        assert term_cancelled.at is not None
+        assert deadline <= term_cancelled.at <= lost_at <= deadline + 1.0, \
+            f"{lost_at - deadline:.2f}s after the deadline"
+    finally:
+        proxy.pass_through()
+        session.stop(10)
