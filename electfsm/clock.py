@@ -98,7 +98,8 @@ class Watchdog:
         self._heap: list[tuple[float, int, Alarm]] = []
         self._seq = itertools.count()
         self._live = 0
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # running, and not on its way out
+        self._last: threading.Thread | None = None  # the latest started, maybe exiting
 
     def arm(self, deadline: float, fire: Callable[[], None]) -> Alarm:
         """Call ``fire()`` once ``clock() >= deadline`` (unless moved or cancelled first)."""
@@ -107,8 +108,8 @@ class Watchdog:
             self._live += 1
             self._push(alarm, deadline)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                name="electfsm-watchdog")
+                self._thread = self._last = threading.Thread(
+                    target=self._run, daemon=True, name="electfsm-watchdog")
                 self._thread.start()
         return alarm
 
@@ -120,7 +121,7 @@ class Watchdog:
     def join_idle(self, timeout: float) -> None:
         """If no alarm is pending, wait up to ``timeout`` for the thread to have exited."""
         with self._cond:
-            thread = self._thread if self._live == 0 else None
+            thread = self._last if self._live == 0 else None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
