@@ -18,7 +18,7 @@ or from a test, through :class:`CandidateProcess`::
 
 Why a process: SIGSTOP, SIGKILL, ``faketime`` and cgroups then apply to one candidate only.
 
-Each line of the log is one JSON object with ``mono`` (``time.monotonic()``, system-wide on
+Each line of the log is one JSON object with ``mono`` (``clock.now()``, system-wide on
 Linux, so the logs of several processes merge by it), ``wall``, ``pid``, ``identity``,
 ``inc`` (this incarnation: ``identity#pid``) and ``kind``:
 
@@ -68,7 +68,7 @@ from typing import IO, Any
 
 from etcd3 import etcdrpc
 
-from electfsm import ops
+from electfsm import clock, ops
 from electfsm.campaign import compare_create
 from electfsm.dispatcher import Change
 from electfsm.elector import Elector
@@ -103,7 +103,7 @@ class EventLog:
         self._lock = threading.Lock()
 
     def write(self, kind: str, **fields: Any) -> dict[str, Any]:
-        record = {"mono": time.monotonic(), "wall": time.time(), **self._fixed, "kind": kind,
+        record = {"mono": clock.now(), "wall": time.time(), **self._fixed, "kind": kind,
                   **fields}
         line = json.dumps(record, default=str)
         with self._lock:
@@ -167,7 +167,7 @@ class Candidate:
     # ------------------------------------------------------------------ hooks
     def _hook(self, name: str, fn: Callable[..., dict[str, Any]]) -> Callable[..., None]:
         def run(*args: Any) -> None:
-            mono, wall = time.monotonic(), time.time()  # the hook's start, not its end
+            mono, wall = clock.now(), time.time()  # the hook's start, not its end
             with self._depth_lock:
                 self._depth += 1
                 depth = self._depth
@@ -272,7 +272,7 @@ class Candidate:
         assert self.fenced is not None
         if not term.valid:
             return
-        start, deadline = time.monotonic(), term.deadline
+        start, deadline = clock.now(), term.deadline
         try:
             ok = self.fenced.write(token=term.token, identity=self.args.identity,
                                    payload={"inc": self.inc, "n": n})
@@ -288,7 +288,7 @@ class Candidate:
             return
         key = f"{self.args.guarded_set}/{self.inc}-{n}"
         value = json.dumps({"token": term.token, "inc": self.inc, "n": n})
-        start, deadline = time.monotonic(), term.deadline
+        start, deadline = clock.now(), term.deadline
         fields: dict[str, Any] = {"token": term.token, "n": n, "key": key, "start": start,
                                   "deadline": deadline}
         try:
@@ -312,7 +312,7 @@ class Candidate:
         next_stats = 0.0
         while not self._stopping.wait(self.args.monitor_interval):
             term = self.elector.term
-            now = time.monotonic()
+            now = clock.now()
             if term is not None:
                 if term.token != token:
                     token, deadline, was_valid = term.token, float("-inf"), True
@@ -350,7 +350,7 @@ class Candidate:
         self.log.write("control", op="resign", token=token, state=state,
                        current=current is not None and current is term,
                        valid=bool(current is not None and current.valid),
-                       start=time.monotonic())
+                       start=clock.now())
         self.elector.resign(timeout=2.0)
         self.log.write("control_done", op="resign", token=token, state=self.elector.state)
         if term is None:
@@ -359,7 +359,7 @@ class Candidate:
             self._raw = EtcdClient(list(self.elector.config.hosts),
                                    timeout=self.args.call_timeout, auth=self._raw_auth)
         key = term.key.encode()
-        start = time.monotonic()
+        start = clock.now()
         try:
             resp = self._raw.txn(
                 [compare_create(key, term.token)],
@@ -401,14 +401,14 @@ def _electfsm_threads() -> list[str]:
 def _stall(seconds: float, mode: str) -> None:
     """Stall the calling thread: ``sleep`` (the GIL is released: other threads go on) or
     ``gil`` (busy, never letting another Python thread run: a stop-the-world pause)."""
-    end = time.monotonic() + seconds
+    end = clock.now() + seconds
     if mode == "sleep":
         time.sleep(seconds)
         return
     old = sys.getswitchinterval()
     sys.setswitchinterval(seconds + 5.0)
     try:
-        while time.monotonic() < end:
+        while clock.now() < end:
             pass
     finally:
         sys.setswitchinterval(old)
@@ -488,8 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if control.is_set():
                 control.clear()
                 candidate.control()
-        if args.harness_pid and time.monotonic() >= next_check:
-            next_check = time.monotonic() + 0.5
+        if args.harness_pid and clock.now() >= next_check:
+            next_check = clock.now() + 0.5
             if not _alive(args.harness_pid):  # orphaned: never outlive the harness
                 log.write("orphaned", harness_pid=args.harness_pid)
                 break
@@ -590,7 +590,7 @@ class CandidateProcess:
         assert self.proc is not None and self.proc.stdout is not None
         with open(self.log_path, "a", buffering=1, encoding="utf-8") as out:
             for raw in self.proc.stdout:
-                now = time.monotonic()
+                now = clock.now()
                 try:
                     record = json.loads(raw)
                 except ValueError:
@@ -628,7 +628,7 @@ class CandidateProcess:
         if not self.alive:
             return
         assert self.proc is not None
-        self.killed_at = time.monotonic()
+        self.killed_at = clock.now()
         self._note("killed")
         self.send(signal.SIGKILL)
         self.proc.wait()
@@ -692,12 +692,12 @@ class CandidateProcess:
                  *, after: float | None = None) -> dict[str, Any] | None:
         """The first logged event (at ``mono`` >= ``after``) for which ``predicate`` holds,
         polling the log until ``timeout``; None if none came."""
-        deadline = time.monotonic() + timeout
+        deadline = clock.now() + timeout
         while True:
             for ev in self.events():
                 if (after is None or event_time(ev) >= after) and predicate(ev):
                     return ev
-            if time.monotonic() >= deadline:
+            if clock.now() >= deadline:
                 return None
             time.sleep(0.02)
 

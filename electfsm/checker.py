@@ -37,6 +37,7 @@ from typing import Any
 import attrs
 from etcd3.etcdrpc import kv_pb2
 
+from electfsm import clock
 from electfsm.campaign import is_candidate_key
 from electfsm.errors import EtcdError, WatchCompacted
 from electfsm.etcd import EtcdClient, prefix_end
@@ -421,7 +422,7 @@ class EtcdRecorder:
         self._thread = threading.Thread(target=self._run, daemon=True, name="etcd-recorder")
 
     def _emit(self, rec: dict[str, Any]) -> None:
-        rec.setdefault("mono", time.monotonic())
+        rec.setdefault("mono", clock.now())
         with self._lock:
             self.records.append(rec)
             if self._out is not None:
@@ -492,9 +493,9 @@ class EtcdRecorder:
 
     def wait_until(self, revision: int, timeout: float = 5.0) -> bool:
         """Wait until events up to ``revision`` were recorded."""
-        deadline = time.monotonic() + timeout
+        deadline = clock.now() + timeout
         while self.revision < revision:
-            if time.monotonic() > deadline:
+            if clock.now() > deadline:
                 return False
             time.sleep(0.02)
         return True

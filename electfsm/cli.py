@@ -82,6 +82,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import attrs
 
+from electfsm import clock
 from electfsm.config import (
     MAX_TTL,
     ElectorConfig,
@@ -694,7 +695,7 @@ class _CampaignRun:
                 e.stop(timeout=2 * self.conn.call_timeout + 2)
 
     def _wait(self, signals: _Signals) -> int:
-        deadline = time.monotonic() + self.conn.connect_timeout
+        deadline = clock.now() + self.conn.connect_timeout
         while True:
             self.wake.clear()
             if signals.received is not None:
@@ -704,7 +705,7 @@ class _CampaignRun:
             if self.result is not None:
                 return self.result
             if not self.connected:
-                left = deadline - time.monotonic()
+                left = deadline - clock.now()
                 if left <= 0:
                     raise CliError(f"etcd at {','.join(self.conn.endpoints)} gave no usable answer "
                                    f"within {self.conn.connect_timeout:g}s (--connect-timeout)"
@@ -742,13 +743,13 @@ def _check_command(command: Sequence[str]) -> None:
 # ------------------------------------------------------------------------------ reading
 def _retrying(conn: Connection, what: str, call: Callable[[], Any]) -> Any:
     """``call()`` until it succeeds; :class:`CliError` (exit 4) after the connect timeout."""
-    deadline = time.monotonic() + conn.connect_timeout
+    deadline = clock.now() + conn.connect_timeout
     delay = 0.05
     while True:
         try:
             return call()
         except EtcdUnavailable as exc:
-            left = deadline - time.monotonic()
+            left = deadline - clock.now()
             if left <= 0:
                 raise CliError(f"{what}: etcd at {','.join(conn.endpoints)} gave no usable answer "
                                f"within {conn.connect_timeout:g}s (--connect-timeout): {exc}",
@@ -865,12 +866,12 @@ def cmd_observe(args: argparse.Namespace) -> int:
     with _Signals(lambda: events.put(stop)):
         observer.start()
         try:
-            deadline = time.monotonic() + conn.connect_timeout
+            deadline = clock.now() + conn.connect_timeout
             while True:
                 try:
                     event = events.get(timeout=0.5)
                 except queue.Empty:
-                    if not seen_any and time.monotonic() >= deadline:
+                    if not seen_any and clock.now() >= deadline:
                         raise CliError(f"etcd at {','.join(conn.endpoints)} gave no usable answer "
                                        f"within {conn.connect_timeout:g}s (--connect-timeout)"
                                        f"{': ' + last_error if last_error else ''}",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 
+from electfsm import clock
 from electfsm.campaign import compare_create, op_range
 from electfsm.config import ElectorConfig
 from electfsm.dispatcher import Dispatcher
@@ -96,12 +96,13 @@ class Elector(HookMethods):
         self._changed = threading.Condition()
         self._owns_client = client is None
         self._client = client if client is not None else EtcdClient.for_config(self.config)
-        self._session = SessionWatch(self._client, self.config, self._queue.put)
+        self._session = SessionWatch(self._client, self.config, self._queue.put,
+                                     clock=clock.now)
         self._observer = Subscription(self._client, self.config.election, self._queue.put,
                                       self.config.backoff_max)
         self._dispatcher = Dispatcher(election=self.config.election, value=self.config.identity,
                                       hooks=self._hooks, effects=_Effects(self),
-                                      clock=time.monotonic)
+                                      clock=clock.now)
         self._workers: list[threading.Thread] = []
         self._thread = threading.Thread(target=self._dispatch, daemon=True,
                                         name=f"electfsm-dispatch[{self.config.election}]")
@@ -150,7 +151,7 @@ class Elector(HookMethods):
             if self._owns_client:
                 self._client.close()
             return
-        self._stop_by = time.monotonic() + timeout
+        self._stop_by = clock.now() + timeout
         self._queue.put(Stop())
         if not self._on_own_thread():
             self._thread.join(timeout)
@@ -312,16 +313,16 @@ class Elector(HookMethods):
     def _teardown(self) -> None:
         self._torn_down = True
         self._stopped = True
-        by = self._stop_by if self._stop_by < float("inf") else time.monotonic() + 10.0
+        by = self._stop_by if self._stop_by < float("inf") else clock.now() + 10.0
         # The term is cancelled by now. Let run_while_leader work finish while the lease
         # (and so our key) still holds the election: the next leader's work cannot overlap.
-        left = max(0.0, by - time.monotonic())
+        left = max(0.0, by - clock.now())
         # Half of what is left (at most a call's time) stays for the revoke and the joins.
         self._await_work(min(self.work_grace, left - min(left / 2, self.config.call_timeout)))
         # The revoke gets at least one call's time, whatever stop(timeout) asked for.
-        self._session.stop(max(by - time.monotonic(), self.config.call_timeout + 1),
+        self._session.stop(max(by - clock.now(), self.config.call_timeout + 1),
                            revoke=self._revoke)
-        self._observer.stop(max(0.0, by - time.monotonic()))
+        self._observer.stop(max(0.0, by - clock.now()))
         if not self._owns_client:
             return
         session = self._session._thread  # its end, not its state
@@ -334,11 +335,11 @@ class Elector(HookMethods):
 
     def _await_work(self, timeout: float) -> None:
         """Wait up to ``timeout`` for every run_while_leader worker (but ourselves) to end."""
-        end = time.monotonic() + timeout
+        end = clock.now() + timeout
         current = threading.current_thread()
         for worker in self._workers:
             if worker is not current:
-                worker.join(max(0.0, end - time.monotonic()))
+                worker.join(max(0.0, end - clock.now()))
                 if worker.is_alive():
                     log.warning("%s: run_while_leader work %s did not return within %.1fs of "
                                 "its term's end; releasing the election anyway",

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from electfsm import Elected, Elector, ElectorThreadError, HookError, SessionLost, Term
+from electfsm import Elected, Elector, ElectorThreadError, HookError, SessionLost, Term, clock
 from electfsm.embedded import LocalEtcd
 from electfsm.etcd import EtcdClient, prefix_end
 
@@ -103,7 +103,7 @@ def test_elected_that_waited_behind_a_slow_hook_past_the_deadline_never_leads(
         generation = b._session.generation
         server.pause()
         try:
-            wait(lambda: b._session.deadline(generation) < time.monotonic(), 10)
+            wait(lambda: b._session.deadline(generation) < clock.now(), 10)
             wait(lambda: any(isinstance(ev, SessionLost) for _, ev in queued), 5)
         finally:
             server.resume()
