@@ -117,15 +117,16 @@ class Dispatcher:
     @property
     def leader(self) -> LeaderInfo | None:
         """Who leads as far as this node can tell; never an unconfirmed "us"."""
-        state = self.state
-        if state == "leader" and self.term is not None:
+        # One read of each field: other threads call this while the dispatcher changes them.
+        state, term, observed, our_key = self.state, self.term, self.observed, self.our_key
+        if state == "leader" and term is not None:
             # A term past its deadline is over even before session_lost is applied.
-            return self.term.info if self.term.valid else None
+            return term.info if term.valid and self.fatal is None else None
         if state == "disconnected":
             return None
-        if self.observed is not None and self.observed.key == self.our_key:
+        if observed is not None and (observed.key == our_key or state == "leader"):
             return None
-        return self.observed
+        return observed
 
     # ------------------------------------------------------------------ events
     def apply(self, event: Event) -> None:
@@ -301,14 +302,18 @@ class Dispatcher:
         if dest == "leader":
             term, self._pending = self._pending, None
             assert term is not None
+            self._begun = False
             self.term = term
             self.effects.bind_term(term)
+            # The term begins here or never: this one check also admits the first hook (no
+            # second look at the clock in between), so on_exit_leader runs exactly when it did.
             self._begun = self._alive(term)
             if not self._begun:
                 return
-            # Each leader hook and each piece of work starts only while the term is alive: a
-            # slow earlier hook can outlast the deadline (the session then ends the term).
-            self._run_hooks("enter_leader", term, alive=lambda: self._alive(term))
+            # Each later leader hook and each piece of work starts only while the term is
+            # alive: a slow earlier hook can outlast the deadline (the session ends the term).
+            self._run_hooks("enter_leader", term, alive=lambda: self._alive(term),
+                            first_admitted=True)
             for work in self.hooks.work:
                 if not self._alive(term):
                     log.warning("%s: term %d ended before run_while_leader work %s could start",
@@ -330,7 +335,8 @@ class Dispatcher:
             term, self.term = self.term, None
             term.ended_by = change.trigger
             term.cancelled.set()
-            if self._begun:  # on_exit_leader pairs with an on_enter_leader that started
+            begun, self._begun = self._begun, False
+            if begun:  # on_exit_leader pairs with the on_enter_leader of a term that began
                 self._run_hooks("exit_leader", term)
         elif source != "leader":
             self._run_hooks(f"exit_{source}", change)
@@ -348,13 +354,19 @@ class Dispatcher:
         if _same_leader(old, now):
             return
         self._reported = now
-        self._run_hooks("leader_change", old, now)
+        term = self.term
+        if now is not None and term is not None and now.key == term.key:
+            # Naming us: each hook starts only while the term is alive (a slow one before it
+            # can outlast the deadline).
+            self._run_hooks("leader_change", old, now, alive=lambda: self._alive(term))
+        else:
+            self._run_hooks("leader_change", old, now)
 
     # ------------------------------------------------------------------ hooks
-    def _run_hooks(self, name: str, *args: Any,
-                   alive: Callable[[], bool] | None = None) -> None:
-        for fn in list(self.hooks.get(name)):
-            if alive is not None and not alive():
+    def _run_hooks(self, name: str, *args: Any, alive: Callable[[], bool] | None = None,
+                   first_admitted: bool = False) -> None:
+        for i, fn in enumerate(list(self.hooks.get(name))):
+            if alive is not None and not (first_admitted and i == 0) and not alive():
                 log.warning("%s: the term ended while on_%s hooks ran; %s not run",
                             self.election, name, getattr(fn, "__qualname__", fn))
                 return

@@ -111,6 +111,8 @@ class Elector(HookMethods):
         self._revoke = True
         self._stop_by = float("inf")  # when stop(timeout) wants teardown done
         self._torn_down = False
+        self._lifecycle = threading.Lock()  # start()/stop() decide under it, once
+        self._work_term = threading.local()  # the term a run_while_leader thread works for
 
     def __repr__(self) -> str:
         return (f"Elector(election={self.config.election!r}, "
@@ -120,13 +122,15 @@ class Elector(HookMethods):
     def start(self) -> Elector:
         """Start the threads. Returns at once: the elector is ``disconnected`` until etcd
         grants a lease, and keeps retrying (with backoff, logging why) while it cannot."""
-        if self._stopped:
-            raise ElectorStopped("this elector was stopped; create a new Elector to run again")
-        if not self._started:
-            self._started = True
-            self._thread.start()
-            self._observer.start()
-            self._session.start()
+        with self._lifecycle:
+            if self._stopped:
+                raise ElectorStopped("this elector was stopped; create a new Elector to run "
+                                     "again")
+            if not self._started:
+                self._thread.start()
+                self._observer.start()
+                self._session.start()
+                self._started = True
         return self
 
     def stop(self, timeout: float = 10.0, *, revoke: bool = True) -> None:
@@ -141,17 +145,20 @@ class Elector(HookMethods):
         (at most ``work_grace`` of it). Called from a hook or from ``run_while_leader`` work,
         it only asks: the elector stops once that hook or work has returned.
         """
-        if self._stopped:
+        with self._lifecycle:
+            first = not self._stopped
+            if first:
+                self._stopped = True
+                self._revoke = revoke
+                self._stop_by = clock.now() + timeout
+        if not first:
             if not self._on_own_thread() and self._thread.is_alive():
                 self._thread.join(timeout)
             return
-        self._stopped = True
-        self._revoke = revoke
         if not self._started:
             if self._owns_client:
                 self._client.close()
             return
-        self._stop_by = clock.now() + timeout
         self._queue.put(Stop())
         if not self._on_own_thread():
             self._thread.join(timeout)
@@ -171,13 +178,18 @@ class Elector(HookMethods):
         belongs to the term leading when it is made: it never ends a later one. Called from a
         hook or from ``run_while_leader`` work, it only queues the request.
         """
-        term = self._dispatcher.term
+        term = self._caller_term()
         if term is None or self._stopped or not self._thread.is_alive():
             return
         done = threading.Event()
         self._queue.put(Resign(token=term.token, done=done))
-        if not self._on_own_thread():
-            done.wait(timeout)
+        if self._on_own_thread():
+            return
+        end = None if timeout is None else clock.now() + timeout
+        # A dispatcher that ended (stopped) will never apply it: stop waiting then.
+        while not done.wait(0.1 if end is None else max(0.0, min(0.1, end - clock.now()))):
+            if not self._thread.is_alive() or (end is not None and clock.now() >= end):
+                return
 
     # ------------------------------------------------------------------ views
     @property
@@ -239,11 +251,18 @@ class Elector(HookMethods):
                 "dispatcher thread, the only one that changes the state, so it would wait on "
                 "itself. Check elector.state in the hook, or wait from another thread.")
 
+    def _caller_term(self) -> Term | None:
+        """The term a call acts for: in run_while_leader work, that work's own term (an old
+        term's work must never act for a newer term); elsewhere, the current one."""
+        mine: Term | None = getattr(self._work_term, "term", None)
+        return mine if mine is not None else self._dispatcher.term
+
     def _on_own_thread(self) -> bool:
         """True on the dispatcher thread or in run_while_leader work: threads that the
         dispatcher itself may wait for, so they must never wait for it."""
         current = threading.current_thread()
-        return current is self._thread or current in self._workers
+        return (current is self._thread or current in self._workers
+                or getattr(self._work_term, "term", None) is not None)
 
     # ------------------------------------------------------------------ fenced writes
     def fenced_txn(self, compare: Sequence[Any] = (), success: Sequence[Any] = (),
@@ -261,7 +280,7 @@ class Elector(HookMethods):
         (3.5.1 among them) skip permission checks inside nested transactions, so a nested
         fence would let a user write outside the keys their role allows.
         """
-        term = self._dispatcher.term
+        term = self._caller_term()
         if term is None or not term.valid:
             raise NotLeaderError(f"{self.config.election}: not leader (state {self.state}); "
                                  "fenced_txn runs only while leading")
@@ -307,6 +326,13 @@ class Elector(HookMethods):
             # Whatever ended this thread, a machine that no longer runs holds nothing.
             if not self._torn_down:
                 self._teardown()
+            while True:  # nobody will apply what is still queued: release its waiters
+                try:
+                    event = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(event, Resign) and event.done is not None:
+                    event.done.set()
             with self._changed:
                 self._changed.notify_all()
 
@@ -317,12 +343,15 @@ class Elector(HookMethods):
         # The term is cancelled by now. Let run_while_leader work finish while the lease
         # (and so our key) still holds the election: the next leader's work cannot overlap.
         left = max(0.0, by - clock.now())
-        # Half of what is left (at most a call's time) stays for the revoke and the joins.
-        self._await_work(min(self.work_grace, left - min(left / 2, self.config.call_timeout)))
-        # The revoke gets at least one call's time, whatever stop(timeout) asked for.
-        self._session.stop(max(by - clock.now(), self.config.call_timeout + 1),
-                           revoke=self._revoke)
-        self._observer.stop(max(0.0, by - clock.now()))
+        try:
+            # Half of what is left (at most a call's time) stays for the revoke and the joins.
+            self._await_work(min(self.work_grace,
+                                 left - min(left / 2, self.config.call_timeout)))
+        finally:  # nothing may skip ending the session: it is what renews the lease
+            # The revoke gets at least one call's time, whatever stop(timeout) asked for.
+            self._session.stop(max(by - clock.now(), self.config.call_timeout + 1),
+                               revoke=self._revoke)
+            self._observer.stop(max(0.0, by - clock.now()))
         if not self._owns_client:
             return
         session = self._session._thread  # its end, not its state
@@ -338,7 +367,7 @@ class Elector(HookMethods):
         end = clock.now() + timeout
         current = threading.current_thread()
         for worker in self._workers:
-            if worker is not current:
+            if worker is not current and worker.ident is not None:  # started
                 worker.join(max(0.0, end - clock.now()))
                 if worker.is_alive():
                     log.warning("%s: run_while_leader work %s did not return within %.1fs of "
@@ -346,6 +375,9 @@ class Elector(HookMethods):
                                 self.config.election, worker.name, timeout)
 
     def _run_work(self, work: Callable[[Term], Any], term: Term) -> None:
+        self._work_term.term = term
+        if not term.valid:  # ended between the dispatcher's check and this thread's start
+            return
         try:
             work(term)
         except BaseException as exc:  # SystemExit too: it ends this work, reported, no more
@@ -382,8 +414,8 @@ class _Effects:
     def start_work(self, work: Callable[[Term], Any], term: Term) -> None:
         thread = threading.Thread(target=self._e._run_work, args=(work, term), daemon=True,
                                   name=f"electfsm-work[{self._e.config.election}]")
+        thread.start()  # may raise ("can't start new thread"): then it is not a worker
         self._e._workers = [w for w in self._e._workers if w.is_alive()] + [thread]
-        thread.start()
 
     def shutdown(self) -> None:
         self._e._teardown()

@@ -169,12 +169,14 @@ def test_a_hook_raising_a_base_exception_releases_the_election(
 def test_leader_work_that_cannot_start_releases_the_election(
         make_elector: MakeElector, raw: EtcdClient, election: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from electfsm import elector as elector_module
+    start = threading.Thread.start
 
-    def no_thread(self: Any, work: Any, term: Term) -> None:
-        raise RuntimeError("can't start new thread")
+    def no_thread(self: threading.Thread) -> None:
+        if self.name.startswith("electfsm-work"):
+            raise RuntimeError("can't start new thread")
+        start(self)
 
-    monkeypatch.setattr(elector_module._Effects, "start_work", no_thread)
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
     errors: list[BaseException] = []
     a = make_elector("node-a", start=False)
     a.on_error(errors.append)
@@ -184,6 +186,7 @@ def test_leader_work_that_cannot_start_releases_the_election(
     lease_gone = wait(lambda: keys(raw, election) == [], 5)
     assert lease_gone, "the key went with the revoked lease"
     assert [str(e) for e in errors] == ["can't start new thread"]
+    assert wait(lambda: not a._session._thread.is_alive()), "the lease is no longer renewed"
 
 
 def test_a_dispatcher_failure_releases_the_election(
@@ -316,3 +319,35 @@ def test_stop_keeps_to_its_timeout_and_still_revokes(
         assert keys(raw, election) == []
     finally:
         release.set()
+
+
+def test_work_of_an_ended_term_cannot_act_for_the_next_one(
+        make_elector: MakeElector, raw: EtcdClient) -> None:
+    """Work that outlives its term (deposed: nothing waits for it) calls resign() and
+    fenced_txn() after the next term began: both act for its own, dead term."""
+    outcome: dict[str, Any] = {}
+    a = make_elector("node-a", start=False)
+
+    def work(term: Term) -> None:
+        if outcome:
+            return
+        outcome["first"] = term.token
+        term.cancelled.wait(30)
+        wait(lambda: a.term is not None and a.term.token != term.token, 10)
+        outcome["next"] = a.term.token if a.term is not None else None
+        a.resign()
+        try:
+            a.fenced_txn()
+        except Exception as exc:
+            outcome["fenced"] = type(exc).__name__
+        outcome["after"] = a.term.token if a.term is not None else None
+
+    a.run_while_leader(work)
+    a.start()
+    assert a.wait_for("leader", timeout=5)
+    assert wait(lambda: "first" in outcome, 5)
+    raw.delete(a.term.key.encode())  # type: ignore[union-attr]  # deposed by hand
+    assert wait(lambda: "after" in outcome, 15)
+    assert outcome["next"] is not None and outcome["next"] != outcome["first"]
+    assert outcome["after"] == outcome["next"], "the old term's resign ended the new term"
+    assert outcome["fenced"] == "NotLeaderError"

@@ -341,3 +341,69 @@ def test_a_resign_meant_for_an_earlier_term_does_not_end_a_later_one(h: Harness)
     h.inject(Resign(token=old))  # queued in the old term, applied in the new one
     assert h.state == "leader"
     assert len(h.resigns) == 1
+
+
+# ---------------------------------------------------------------- pairing and naming, at the edges
+def test_a_later_on_leader_change_hook_does_not_name_us_once_the_term_is_dead(
+        h: Harness) -> None:
+    named: list[tuple[str, bool]] = []
+
+    def slow(old: object, new: LeaderInfo | None) -> None:
+        if new is not None and new.identity == "node-a":
+            h.clock.advance(10.0)  # outlasts the deadline
+
+    def second(old: object, new: LeaderInfo | None) -> None:
+        if new is not None and new.identity == "node-a":
+            named.append(("second", h.term is not None and h.term.valid))
+
+    h.on_leader_change(slow)
+    h.on_leader_change(second)
+    h.connect()
+    h.elect()
+    assert named == []
+
+
+def test_a_term_that_dies_as_it_is_entered_runs_neither_enter_nor_exit_hooks(
+        h: Harness) -> None:
+    h.connect()
+
+    class Ticking(type(h.clock)):  # type: ignore[misc]
+        def __call__(self) -> float:  # each read moves on, as a real clock does
+            self.now += 1e-3
+            return float(self.now)
+
+    deadline = h.deadline(h.dispatcher.generation or 0)
+    for offset in range(1, 8):  # land the deadline between any two reads of the clock
+        h2 = Harness(identity="node-a", ttl=5)
+        got: list[str] = []
+        h2.on_enter_leader(lambda t, got=got: got.append("enter"))
+        h2.on_exit_leader(lambda t, got=got: got.append("exit"))
+        h2.connect()
+        h2.clock.now = deadline - offset * 1e-3 - 1e-4
+        h2.clock.__class__ = Ticking
+        h2.elect()
+        h2.advance(1)
+        assert got in ([], ["enter", "exit"]), (offset, got)
+
+
+def test_exit_hooks_of_an_earlier_term_do_not_run_for_a_term_that_never_began() -> None:
+    class Flaky(Harness):
+        fail = False
+
+        def bind_term(self, term: object) -> None:
+            if self.fail:
+                raise MemoryError("an internal failure while entering")
+            super().bind_term(term)  # type: ignore[arg-type]
+
+    h = Flaky()
+    calls: list[tuple[str, int]] = []
+    h.on_enter_leader(lambda t: calls.append(("enter", t.token)))
+    h.on_exit_leader(lambda t: calls.append(("exit", t.token)))
+    h.connect()
+    h.elect()
+    h.inject(Resign())
+    h.fail = True
+    with pytest.raises(MemoryError):
+        h.elect()
+    h.dispatcher.abort(MemoryError("as the elector's dispatcher thread does"))
+    assert [c[0] for c in calls] == ["enter", "exit"]
