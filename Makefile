@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test diagrams handover cli-handover timeline bench chaos clean
+.PHONY: demo test diagrams handover cli-handover timeline bench bench-aio chaos clean
 
 # Fault tests use libfaketime (clock skew) and nftables (packet loss) from Debian when they can
 # be installed (as root, with apt); without them those tests are skipped and say why.
@@ -47,6 +47,10 @@ chaos: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# electfsm.aio: event-loop lag with 100 AsyncElectors, handover through the facade.
+bench-aio: $(STAMP)
+	$(PY) bench/aio.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
