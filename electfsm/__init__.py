@@ -23,6 +23,7 @@ from electfsm.elector import Elector, TxnResult
 from electfsm.errors import (
     ConfigError,
     ElectfsmError,
+    ElectorForkedError,
     ElectorStopped,
     ElectorThreadError,
     EtcdError,
@@ -53,6 +54,7 @@ __all__ = [
     "Elected",
     "ElectfsmError",
     "Elector",
+    "ElectorForkedError",
     "ElectorStopped",
     "ElectorThreadError",
     "ErrorReported",

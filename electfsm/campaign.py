@@ -13,7 +13,6 @@ Only keys ``<election>/<lower-case hex>`` count as candidates, so a nested elect
 
 from __future__ import annotations
 
-import logging
 import re
 import threading
 from collections.abc import Callable
@@ -22,13 +21,14 @@ from typing import Any
 from etcd3 import etcdrpc
 from etcd3.etcdrpc import kv_pb2
 
+from electfsm import logs
 from electfsm.backoff import Backoff
 from electfsm.config import ElectorConfig
 from electfsm.errors import EtcdError, LeaseNotFound
 from electfsm.etcd import EtcdClient, Watch, prefix_end
 from electfsm.events import Elected, ErrorReported, Event
 
-log = logging.getLogger("electfsm.campaign")
+log = logs.logger("electfsm.campaign")
 
 _CANDIDATE = re.compile(rb"^[0-9a-f]+$")
 
@@ -67,7 +67,8 @@ class Campaign:
     """Runs the recipe for one lease in its own thread; commands come from the dispatcher."""
 
     def __init__(self, client: EtcdClient, config: ElectorConfig, generation: int, lease: int,
-                 emit: Callable[[Event], None]) -> None:
+                 emit: Callable[[Event], None], owner: logs.Owner | None = None) -> None:
+        self._owner = owner
         self._client = client
         self._config = config
         self._generation = generation
@@ -115,6 +116,14 @@ class Campaign:
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
+        if self._owner is not None:
+            logs.own_thread(self._owner)
+        try:
+            self._loop()
+        finally:
+            logs.disown_thread()
+
+    def _loop(self) -> None:
         backoff = Backoff(self._config.backoff_max)
         last_error = ""
         while True:

@@ -104,6 +104,7 @@ if TYPE_CHECKING:
     from electfsm.elector import Elector
     from electfsm.etcd import EtcdClient
     from electfsm.events import LeaderInfo
+    from electfsm.health import StatusServer
     from electfsm.term import Term
 
 log = logging.getLogger("electfsm.cli")
@@ -190,6 +191,13 @@ def _port(text: str) -> int:
     if not 0 < value < 65536:
         raise ValueError(f"the port must be between 1 and 65535, got {value}")
     return value
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:8080), got {text!r}")
+    return host.strip("[]"), _port(port)
 
 
 def _identity(text: str) -> str:
@@ -288,6 +296,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                         "expire the lease)")
     p.add_argument("--once", action="store_true",
                    help="exit after the first term ends instead of campaigning again")
+    p.add_argument("--status-addr", type=_type("status address", _hostport),
+                   metavar="HOST:PORT",
+                   help="serve /livez /readyz /leader /follower /status and /metrics on "
+                        "HOST:PORT (e.g. 127.0.0.1:8080; bind elsewhere only behind what you "
+                        "trust)")
     _add_connection(p)
 
     p = add("observe", "print every leader change, including 'no leader'",
@@ -536,6 +549,19 @@ class _CampaignRun:
                                             **conn.elector_kwargs())
         except ConfigError as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
+        self.status: StatusServer | None = None
+        if getattr(args, "status_addr", None) is not None:
+            from electfsm.health import StatusServer
+
+            host, port = args.status_addr
+            try:  # bound now: a taken port is an error before anything is campaigned
+                self.status = StatusServer([self.elector], host, port)
+            except ConfigError as exc:
+                raise CliError(f"--status-addr: {exc}", EXIT_USAGE) from None
+            try:
+                self.status.with_metrics()
+            except ConfigError as exc:  # no prometheus-client: /metrics says what to install
+                log.info("%s", exc)
         margin = self.elector.config.margin_for(args.ttl)
         self.grace: float = margin / 2 if args.grace is None else args.grace
         if self.command and self.grace > margin:
@@ -684,6 +710,8 @@ class _CampaignRun:
     def run(self) -> int:
         e = self.elector
         with _Signals(self.wake.set) as signals:
+            if self.status is not None:
+                self.status.start()
             e.start()
             try:
                 return self._wait(signals)
@@ -693,6 +721,8 @@ class _CampaignRun:
                 if self.command:
                     self.stop_command()  # the command is gone before our key is
                 e.stop(timeout=2 * self.conn.call_timeout + 2)
+                if self.status is not None:
+                    self.status.stop()
 
     def _wait(self, signals: _Signals) -> int:
         deadline = clock.now() + self.conn.connect_timeout

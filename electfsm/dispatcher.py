@@ -8,12 +8,12 @@ virtual clock. What the machine needs done in etcd it asks of an :class:`Effects
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
 
+from electfsm import logs
 from electfsm.errors import HookError
 from electfsm.events import (
     Elected,
@@ -30,7 +30,7 @@ from electfsm.hooks import Hooks
 from electfsm.machine import STATES, State, build_machine, internal, legal
 from electfsm.term import Term
 
-log = logging.getLogger("electfsm")
+log = logs.logger("electfsm")
 
 class Effects(Protocol):
     """What the machine asks of the outside world. Calls must return quickly."""
@@ -52,6 +52,22 @@ class Effects(Protocol):
 
     def shutdown(self) -> None:
         """The machine has stopped: end the session and every thread."""
+
+
+class Telemetry(Protocol):
+    """Told what the machine does, for metrics (:mod:`electfsm.metrics`). Calls are quick."""
+
+    def transition(self, source: State, dest: State, trigger: str) -> None: ...
+
+    def hook(self, name: str, seconds: float) -> None: ...
+
+    def leader_change(self) -> None: ...
+
+    def error(self, where: str) -> None: ...
+
+    def keepalive(self, seconds: float) -> None: ...
+
+    def fenced(self, result: str) -> None: ...
 
 
 @attrs.frozen(kw_only=True)
@@ -90,6 +106,10 @@ class Dispatcher:
         self.observed_revision = 0
         self.stopped = False
         self.transitions = 0
+        #: listeners for metrics; see :class:`Telemetry`
+        self.telemetry: list[Telemetry] = []
+        #: a hook that takes longer (on ``clock``) is logged as a warning; None: never
+        self.slow_hook: float | None = None
         self._reported: LeaderInfo | None = None
         self._pending: Term | None = None
         self._reason = ""
@@ -289,6 +309,8 @@ class Dispatcher:
         if self._model.trigger(trigger):  # type: ignore[attr-defined]
             self.transitions += 1
             log.info("%s: %s --%s--> %s (%s)", self.election, source, trigger, self.state, reason)
+            for t in self.telemetry:
+                t.transition(source, self.state, trigger)
         if self.state == "leader" and not self._begun:
             # Died between that check and the first hook: leave before anyone sees us lead.
             self._fire("session_lost", "the term ended as it began")
@@ -354,6 +376,8 @@ class Dispatcher:
         if _same_leader(old, now):
             return
         self._reported = now
+        for t in self.telemetry:
+            t.leader_change()
         term = self.term
         if now is not None and term is not None and now.key == term.key:
             # Naming us: each hook starts only while the term is alive (a slow one before it
@@ -370,6 +394,7 @@ class Dispatcher:
                 log.warning("%s: the term ended while on_%s hooks ran; %s not run",
                             self.election, name, getattr(fn, "__qualname__", fn))
                 return
+            started = self.clock()
             try:
                 fn(*args)
             except Exception as exc:
@@ -385,8 +410,20 @@ class Dispatcher:
                 error = HookError(f"on_{name}", exc)
                 self.fatal = self.fatal or error
                 self._report(error, f"on_{name}")
+            finally:
+                self._timed(name, fn, self.clock() - started)
+
+    def _timed(self, name: str, fn: Callable[..., Any], seconds: float) -> None:
+        for t in self.telemetry:
+            t.hook(name, seconds)
+        if self.slow_hook is not None and seconds > self.slow_hook:
+            log.warning("%s: hook on_%s (%s) took %.3fs: every event behind it waited; keep "
+                        "hooks short and give long work to run_while_leader", self.election,
+                        name, getattr(fn, "__qualname__", fn), seconds)
 
     def _report(self, error: BaseException, where: str) -> None:
+        for t in self.telemetry:
+            t.error(where)
         for fn in list(self.hooks.get("error")):
             try:
                 fn(error)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -10,12 +10,13 @@ from typing import Any
 
 import attrs
 
-from electfsm import clock
+from electfsm import clock, logs
 from electfsm.campaign import compare_create, op_range
 from electfsm.config import ElectorConfig
-from electfsm.dispatcher import Dispatcher
+from electfsm.dispatcher import Dispatcher, Telemetry
 from electfsm.errors import (
     ConfigError,
+    ElectorForkedError,
     ElectorStopped,
     ElectorThreadError,
     EtcdError,
@@ -30,7 +31,7 @@ from electfsm.security import TLS, Auth
 from electfsm.session import SessionWatch
 from electfsm.term import Term
 
-log = logging.getLogger("electfsm")
+log = logs.logger("electfsm")
 
 
 @attrs.frozen(kw_only=True)
@@ -75,7 +76,9 @@ class Elector(HookMethods):
                  endpoints: str | Sequence[str] | None = None, ttl: int = 10,
                  margin: float | None = None, call_timeout: float = 2.0,
                  backoff_max: float = 2.0, tls: TLS | None = None, auth: Auth | None = None,
-                 client: EtcdClient | None = None, work_grace: float = 5.0) -> None:
+                 client: EtcdClient | None = None, work_grace: float = 5.0,
+                 slow_hook: float | None = None) -> None:
+        self._pid = os.getpid()
         if client is not None:
             if endpoints is not None or tls is not None or auth is not None:
                 raise ConfigError("pass either client= (a shared connection) or "
@@ -97,12 +100,17 @@ class Elector(HookMethods):
         self._owns_client = client is None
         self._client = client if client is not None else EtcdClient.for_config(self.config)
         self._session = SessionWatch(self._client, self.config, self._queue.put,
-                                     clock=clock.now)
+                                     clock=clock.now, owner=self,
+                                     on_keepalive=self._renewed)
         self._observer = Subscription(self._client, self.config.election, self._queue.put,
                                       self.config.backoff_max)
         self._dispatcher = Dispatcher(election=self.config.election, value=self.config.identity,
                                       hooks=self._hooks, effects=_Effects(self),
                                       clock=clock.now)
+        self._dispatcher.slow_hook = (self.config.margin_for(self.config.ttl) / 2
+                                      if slow_hook is None else slow_hook)
+        self._busy_since: float | None = None  # when the dispatcher began the current event
+        self.last_renewal: float | None = None  # clock.now() of the last confirmed keepalive
         self._workers: list[threading.Thread] = []
         self._thread = threading.Thread(target=self._dispatch, daemon=True,
                                         name=f"electfsm-dispatch[{self.config.election}]")
@@ -122,6 +130,7 @@ class Elector(HookMethods):
     def start(self) -> Elector:
         """Start the threads. Returns at once: the elector is ``disconnected`` until etcd
         grants a lease, and keeps retrying (with backoff, logging why) while it cannot."""
+        self._check_fork()
         with self._lifecycle:
             if self._stopped:
                 raise ElectorStopped("this elector was stopped; create a new Elector to run "
@@ -145,6 +154,7 @@ class Elector(HookMethods):
         (at most ``work_grace`` of it). Called from a hook or from ``run_while_leader`` work,
         it only asks: the elector stops once that hook or work has returned.
         """
+        self._check_fork()
         with self._lifecycle:
             first = not self._stopped
             if first:
@@ -178,6 +188,7 @@ class Elector(HookMethods):
         belongs to the term leading when it is made: it never ends a later one. Called from a
         hook or from ``run_while_leader`` work, it only queues the request.
         """
+        self._check_fork()
         term = self._caller_term()
         if term is None or self._stopped or not self._thread.is_alive():
             return
@@ -195,22 +206,26 @@ class Elector(HookMethods):
     @property
     def state(self) -> State:
         """``"disconnected"``, ``"candidate"``, ``"follower"`` or ``"leader"``."""
+        self._check_fork()
         return self._dispatcher.state
 
     @property
     def leader(self) -> LeaderInfo | None:
         """Who leads (identity, key, create revision), or None when nobody does or we cannot
         tell (disconnected). Never reports us before etcd confirmed it."""
+        self._check_fork()
         return self._dispatcher.leader
 
     @property
     def term(self) -> Term | None:
         """The current term if we lead, else None."""
+        self._check_fork()
         return self._dispatcher.term
 
     @property
     def is_leader(self) -> bool:
         """True while we lead *and* the lease's local deadline has not passed."""
+        self._check_fork()
         term = self._dispatcher.term
         return term is not None and term.valid
 
@@ -232,6 +247,7 @@ class Elector(HookMethods):
     def wait_for(self, *states: State, timeout: float | None = None) -> bool:
         """Block until the state is one of ``states``; False on timeout. Not from a hook:
         hooks run on the thread that changes the state (:class:`ElectorThreadError`)."""
+        self._check_fork()
         self._refuse_on_dispatcher("wait_for()")
         with self._changed:
             return self._changed.wait_for(lambda: self.state in states, timeout)
@@ -240,9 +256,54 @@ class Elector(HookMethods):
                    timeout: float | None = None) -> bool:
         """Block until ``predicate(elector)`` holds after some event; False on timeout.
         Not from a hook (:class:`ElectorThreadError`)."""
+        self._check_fork()
         self._refuse_on_dispatcher("wait_until()")
         with self._changed:
             return self._changed.wait_for(lambda: predicate(self), timeout)
+
+    @property
+    def dispatch_stalled_for(self) -> float:
+        """Seconds the dispatcher has spent on the event it is applying (0 when idle): a
+        large value means a hook is stuck and every event behind it waits."""
+        since = self._busy_since
+        return 0.0 if since is None else max(0.0, clock.now() - since)
+
+    @property
+    def deadline_remaining(self) -> float | None:
+        """Seconds left before the current lease's local deadline (<= 0: passed); None while
+        there is no session."""
+        self._check_fork()
+        deadline = self._session.deadline(self._session.generation)
+        return None if deadline == float("-inf") else deadline - clock.now()
+
+    def log_fields(self) -> dict[str, Any]:
+        """The structured fields of this elector's log records (see :mod:`electfsm.logs`)."""
+        term = self._dispatcher.term
+        return {"election": self.config.election, "identity": self._dispatcher.identity,
+                "state": self._dispatcher.state,
+                "token": term.token if term is not None else None}
+
+    def add_telemetry(self, telemetry: Telemetry) -> None:
+        """Tell ``telemetry`` what this elector does (see :func:`electfsm.metrics.register`)."""
+        self._dispatcher.telemetry.append(telemetry)
+
+    def _check_fork(self) -> None:
+        if os.getpid() != self._pid:
+            raise ElectorForkedError(
+                f"this Elector ({self.config.election!r}) was created in process {self._pid}; "
+                f"this is process {os.getpid()}, forked from it, where its threads and gRPC "
+                "channel do not exist (grpcio does not survive fork), so it cannot tell who "
+                "leads. Create electors after forking: in gunicorn's post_fork or "
+                "post_worker_init hook, or use multiprocessing's 'spawn' start method.")
+
+    def _renewed(self, seconds: float) -> None:
+        self.last_renewal = clock.now()
+        for t in self._dispatcher.telemetry:
+            t.keepalive(seconds)
+
+    def _fenced(self, result: str) -> None:
+        for t in self._dispatcher.telemetry:
+            t.fenced(result)
 
     def _refuse_on_dispatcher(self, call: str) -> None:
         if threading.current_thread() is self._thread:
@@ -280,6 +341,20 @@ class Elector(HookMethods):
         (3.5.1 among them) skip permission checks inside nested transactions, so a nested
         fence would let a user write outside the keys their role allows.
         """
+        self._check_fork()
+        try:
+            result = self._fenced_txn(compare, success, failure, timeout=timeout)
+        except NotLeaderError:
+            self._fenced("fenced_out")
+            raise
+        except Exception:
+            self._fenced("error")
+            raise
+        self._fenced("committed" if result.succeeded else "compare_failed")
+        return result
+
+    def _fenced_txn(self, compare: Sequence[Any], success: Sequence[Any],
+                    failure: Sequence[Any], *, timeout: float | None) -> TxnResult:
         term = self._caller_term()
         if term is None or not term.valid:
             raise NotLeaderError(f"{self.config.election}: not leader (state {self.state}); "
@@ -307,9 +382,11 @@ class Elector(HookMethods):
 
     # ------------------------------------------------------------------ dispatcher thread
     def _dispatch(self) -> None:
+        logs.own_thread(self)
         try:
             while not self._dispatcher.stopped:
                 event = self._queue.get()
+                self._busy_since = clock.now()
                 try:
                     self._dispatcher.apply(event)
                 except BaseException as exc:  # our own bug: never leave the lease renewed
@@ -318,6 +395,7 @@ class Elector(HookMethods):
                                  exc_info=True)
                     self._dispatcher.abort(exc)
                 finally:
+                    self._busy_since = None
                     if isinstance(event, Resign) and event.done is not None:
                         event.done.set()
                     with self._changed:
@@ -335,6 +413,7 @@ class Elector(HookMethods):
                     event.done.set()
             with self._changed:
                 self._changed.notify_all()
+            logs.disown_thread()
 
     def _teardown(self) -> None:
         self._torn_down = True
@@ -376,6 +455,13 @@ class Elector(HookMethods):
 
     def _run_work(self, work: Callable[[Term], Any], term: Term) -> None:
         self._work_term.term = term
+        logs.own_thread(self)
+        try:
+            self._work(work, term)
+        finally:
+            logs.disown_thread()
+
+    def _work(self, work: Callable[[Term], Any], term: Term) -> None:
         if not term.valid:  # ended between the dispatcher's check and this thread's start
             return
         try:

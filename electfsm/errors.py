@@ -43,6 +43,11 @@ class ElectorStopped(ElectfsmError):
     """The elector was stopped; a stopped elector cannot be started again."""
 
 
+class ElectorForkedError(ElectfsmError, RuntimeError):
+    """The elector was created in another process, which this one forked from: its threads
+    and its gRPC channel did not come along. Create electors after forking."""
+
+
 class ElectorThreadError(ElectfsmError, RuntimeError):
     """A blocking call was made on the elector's dispatcher thread (from a hook), where it
     could only wait on itself. Call it from another thread, or use a non-blocking form."""

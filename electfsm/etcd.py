@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import logging
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -20,7 +19,7 @@ from typing import Any
 import grpc
 from etcd3 import etcdrpc
 
-from electfsm import clock
+from electfsm import clock, logs
 from electfsm.config import ElectorConfig
 from electfsm.errors import (
     EtcdError,
@@ -31,7 +30,7 @@ from electfsm.errors import (
 )
 from electfsm.security import TLS, Auth
 
-log = logging.getLogger("electfsm.etcd")
+log = logs.logger("electfsm.etcd")
 
 #: Watch and keepalive streams carry this so a member cut off from quorum fails them fast.
 REQUIRE_LEADER = (("hasleader", "true"),)

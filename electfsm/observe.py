@@ -8,7 +8,6 @@ and watches again from that read's revision + 1, so no change is lost.
 
 from __future__ import annotations
 
-import logging
 import threading
 import weakref
 from collections.abc import Callable
@@ -16,13 +15,14 @@ from typing import Any
 
 from etcd3.etcdrpc import kv_pb2
 
+from electfsm import logs
 from electfsm.backoff import Backoff
 from electfsm.campaign import is_candidate_key
 from electfsm.errors import EtcdError, WatchCompacted
 from electfsm.etcd import EtcdClient, Watch, prefix_end
 from electfsm.events import ErrorReported, Event, LeaderInfo, LeaderSeen
 
-log = logging.getLogger("electfsm.observe")
+log = logs.logger("electfsm.observe")
 
 
 def leader_of(candidates: dict[bytes, Any]) -> LeaderInfo | None:

@@ -24,11 +24,11 @@ when its own leader changes, so waiting for it to expire could hold the election
 from __future__ import annotations
 
 import functools
-import logging
 import threading
 from collections.abc import Callable
 
 from electfsm import clock as _clock
+from electfsm import logs
 from electfsm.backoff import Backoff
 from electfsm.campaign import Campaign
 from electfsm.config import ElectorConfig, safe_until
@@ -36,7 +36,7 @@ from electfsm.errors import EtcdError, EtcdUnavailable, LeaseNotFound
 from electfsm.etcd import EtcdClient
 from electfsm.events import ErrorReported, Event, SessionLost, SessionUp
 
-log = logging.getLogger("electfsm.session")
+log = logs.logger("electfsm.session")
 
 LATE = "no keepalive confirmed before the local deadline"
 #: A call given less time than this could not be answered; it is not sent.
@@ -51,7 +51,11 @@ class SessionWatch:
     """
 
     def __init__(self, client: EtcdClient, config: ElectorConfig, emit: Callable[[Event], None],
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, owner: logs.Owner | None = None,
+                 on_keepalive: Callable[[float], None] | None = None) -> None:
+        self._owner = owner
+        #: told how long each confirmed keepalive took (seconds), for metrics
+        self.on_keepalive = on_keepalive
         self._client = client
         self._config = config
         self._emit = emit
@@ -103,6 +107,14 @@ class SessionWatch:
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
+        if self._owner is not None:
+            logs.own_thread(self._owner)
+        try:
+            self._loop()
+        finally:
+            logs.disown_thread()
+
+    def _loop(self) -> None:
         backoff = Backoff(self._config.backoff_max)
         last_error = ""
         while not self._stopping.is_set():
@@ -124,7 +136,7 @@ class SessionWatch:
             until = safe_until(sent, ttl, margin)
             self._revoke_lost(ttl, sent, until)
             campaign = Campaign(self._client, self._config, self.generation + 1, lease,
-                                self._emit)
+                                self._emit, self._owner)
             with self._lock:
                 self.generation += 1
                 generation = self.generation
@@ -274,6 +286,8 @@ class SessionWatch:
                 continue
             if granted <= 0:
                 return "etcd says the lease expired or was revoked (TTL 0)"
+            if self.on_keepalive is not None:
+                self.on_keepalive(self._clock() - now)
             with self._lock:
                 # Taken in past the deadline (a stall while etcd answered), or after the
                 # watchdog ended the term: someone may have seen it end, so it must not

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import socket
@@ -37,9 +36,10 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
+from electfsm import logs
 from electfsm._guard import running_in_group
 
-log = logging.getLogger("electfsm.cli")
+log = logs.logger("electfsm.cli")
 
 GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_guard.py")
 #: How long the guard may take to start COMMAND (an interpreter start, on a loaded machine).
