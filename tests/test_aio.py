@@ -228,3 +228,30 @@ async def test_the_loop_is_never_blocked_by_the_elector(etcd: LocalEtcd,
         a.on_enter_leader(lambda term: None)
         time.sleep(1.0)  # the loop is blocked; the core campaigns and leads meanwhile
         assert a.elector.state == "leader"
+
+
+async def test_a_blackholed_leaders_body_is_cancelled_before_another_candidate_leads(
+        etcd: LocalEtcd, election: str) -> None:
+    from electfsm.faultproxy import FaultProxy
+
+    marks: dict[str, float] = {}
+    proxy = FaultProxy(etcd.endpoint).start()
+    successor = threaded(etcd.endpoint, election, "node-b")
+    successor.on_enter_leader(lambda term: marks.setdefault("b leads", clock.now()))
+    try:
+        async with AsyncElector(endpoints=[proxy.endpoint], election=election,
+                                identity="node-a", ttl=2, call_timeout=0.5) as a:
+            async with a.leadership() as term:
+                successor.start()
+                assert await anyio.to_thread.run_sync(successor.wait_for, "follower", 10)
+                proxy.blackhole()
+                try:
+                    await anyio.sleep(30)
+                finally:
+                    marks["a cancelled"] = clock.now()
+            assert term.ended_by == "session_lost"
+            await until(lambda: "b leads" in marks, 15)
+    finally:
+        successor.stop()
+        proxy.stop()
+    assert marks["a cancelled"] < marks["b leads"]
