@@ -14,7 +14,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -607,15 +607,28 @@ class _WatchStream:
             self._pending.append(watch)
             self._requests.put(etcdrpc.WatchRequest(create_request=create))
 
-    def cancel(self, watch_id: int) -> None:
+    def cancel(self, watch: Watch) -> None:
+        """End ``watch`` here and at etcd. Under the stream's lock, so it cannot slip between
+        the reader's look at ``watch.cancelled`` and its taking the ``created`` answer: one
+        still waiting for that answer is cancelled at etcd when it comes (see :meth:`_route`)."""
         with self._lock:
-            if self._active.pop(watch_id, None) is None or self._dead is not None:
+            if watch.cancelled:
+                return
+            watch.cancelled = True
+            watch._deliver(None)  # wakes its iterator
+            watch_id = watch.watch_id
+            if (watch_id is None or self._active.pop(watch_id, None) is None
+                    or self._dead is not None):
                 return
             self._requests.put(etcdrpc.WatchRequest(
                 cancel_request=etcdrpc.WatchCancelRequest(watch_id=watch_id)))
-            idle = self._retired and not self._active and not self._pending
+            idle = self._idle()
         if idle:
             self.close(EtcdUnavailable("watch: stream retired"))
+
+    def _idle(self) -> bool:
+        """Retired and serving no watch: nothing will use it again (call with the lock)."""
+        return self._retired and not self._active and not self._pending
 
     def _retire(self) -> None:
         """etcd refused a watch at creation: with auth on, that is also how an expired token
@@ -637,6 +650,10 @@ class _WatchStream:
                      self._client._translate(exc, "watch stream", self.channel, None))
         except ValueError as exc:  # the channel was closed (a rebuild)
             error = EtcdUnavailable(f"watch stream: connection rebuilt ({exc})")
+        except Exception as exc:  # a bug of ours: fail every watch rather than hang them all
+            log.exception("watch stream: its reader failed; failing every watch on it")
+            self.close(EtcdError(f"watch stream: its reader failed ({exc!r}); watch again"))
+            return
         self._end(error)
 
     def _route(self, resp: Any) -> None:
@@ -648,21 +665,28 @@ class _WatchStream:
                 watch = self._pending.popleft()
                 if resp.canceled:  # refused at creation (e.g. permission): watch_id is -1
                     self._retire()
-                    watch._deliver(resp)
-                    return
-                if watch.cancelled:  # cancelled while its create was in flight
+                    idle = self._idle()
+                elif watch.cancelled:  # cancelled while its create was in flight
                     self._requests.put(etcdrpc.WatchRequest(
                         cancel_request=etcdrpc.WatchCancelRequest(watch_id=watch_id)))
-                    return
-                watch.watch_id = watch_id
-                self._active[watch_id] = watch
+                    idle = self._idle()
+                else:
+                    if _created_seam is not None:
+                        _created_seam(watch)
+                    watch.watch_id = watch_id
+                    self._active[watch_id] = watch
+                    idle = False
             else:
                 watch = self._active.get(watch_id)  # type: ignore[assignment]
                 if watch is None:
                     return  # a watch we cancelled
                 if resp.canceled:  # compacted, or cancelled by etcd: it ends here
                     del self._active[watch_id]
-        watch._deliver(resp)
+                idle = self._idle()
+        if not watch.cancelled:
+            watch._deliver(resp)
+        if idle:  # a retired stream's last watch ended: close it, or it leaks a reader thread
+            self.close(EtcdUnavailable("watch: stream retired"))
 
     def _end(self, error: EtcdError) -> None:
         with self._lock:
@@ -681,6 +705,11 @@ class _WatchStream:
         self._call.cancel()
         if wait > 0 and threading.current_thread() is not self._reader:
             self._reader.join(wait)
+
+
+#: Test-only seam: called (with the stream's lock held) as a ``created`` answer is matched to
+#: a live watch, just before the watch takes its id; lets a test race ``cancel()`` against it.
+_created_seam: Callable[[Watch], None] | None = None
 
 
 class Watch:
@@ -719,9 +748,4 @@ class Watch:
                 yield item
 
     def cancel(self) -> None:
-        if self.cancelled:
-            return
-        self.cancelled = True
-        self._items.put(None)
-        if self.watch_id is not None:
-            self._stream.cancel(self.watch_id)
+        self._stream.cancel(self)
