@@ -600,12 +600,17 @@ class _WatchStream:
     def usable(self, channel: Any) -> bool:
         return self._dead is None and not self._retired and channel is self.channel
 
-    def add(self, watch: Watch, create: Any) -> None:
+    def add(self, watch: Watch, create: Any) -> bool:
+        """Send ``watch``'s create request; False when the stream was retired since the
+        caller picked it (and may be closed already): the watch belongs on a fresh one."""
         with self._lock:
+            if self._retired:
+                return False
             if self._dead is not None:
                 raise self._dead
             self._pending.append(watch)
             self._requests.put(etcdrpc.WatchRequest(create_request=create))
+            return True
 
     def cancel(self, watch: Watch) -> None:
         """End ``watch`` here and at etcd. Under the stream's lock, so it cannot slip between
@@ -723,7 +728,8 @@ class Watch:
         self.cancelled = False
         self.watch_id: int | None = None
         self._stream = client._watch_stream(f"watch {key!r}")
-        self._stream.add(self, create)
+        while not self._stream.add(self, create):  # retired meanwhile: the next one is fresh
+            self._stream = client._watch_stream(f"watch {key!r}")
 
     def _deliver(self, item: Any) -> None:
         self._items.put(item)

@@ -128,6 +128,35 @@ def test_a_stream_retired_by_a_refused_watch_is_closed_once_idle(
     fresh.cancel()
 
 
+def test_a_watch_opened_just_as_its_stream_retired_goes_to_a_fresh_stream(
+        server: LocalEtcd, client: EtcdClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watch may pick the stream just before etcd's refusal of another watch retires it
+    and, that being its last watch, closes it. The new watch must not fail for that (its
+    owner would report an error and back off): it goes to a fresh stream."""
+    refused = client.watch(b"z", b"a")
+    with pytest.raises(EtcdError, match="cancelled"):
+        for _ in refused:
+            pass
+    retired = refused._stream
+    assert until(lambda: not retired._reader.is_alive())
+    pick = client._watch_stream
+    picked: list[str] = []
+
+    def picked_before_it_retired(what: str) -> _WatchStream:
+        if not picked:
+            picked.append(what)
+            return retired
+        return pick(what)
+
+    monkeypatch.setattr(client, "_watch_stream", picked_before_it_retired)
+    watch = client.watch(b"k")
+    assert picked and watch._stream is not retired
+    got = drain(watch)
+    client.put(b"k", b"v")
+    assert [ev.kv.value for ev in got.get(timeout=WAIT).events] == [b"v"]
+    watch.cancel()
+
+
 def test_a_retired_stream_is_closed_when_etcd_cancels_its_last_watch(
         server: LocalEtcd, client: EtcdClient, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same leak the other way round: the stream is retired while a watch still runs on
