@@ -151,7 +151,7 @@ def test_a_follower_hears_of_a_new_incarnation_of_the_leaders_key_after_a_stream
 
 class _WritesBeforeWatching(EtcdClient):
     """A client that runs ``before_watch`` once, between observe's read and its watch: the
-    watch then starts with a backlog etcd sends in several responses."""
+    watch then starts with a backlog (or from a revision compacted meanwhile)."""
 
     before_watch: Callable[[], None] | None = None
 
@@ -196,6 +196,38 @@ def test_leader_seen_is_stamped_with_the_revision_of_the_last_event_applied(
             truth = leader_of({bytes(kv.key): kv for kv in resp.kvs
                                if is_candidate_key(prefix, bytes(kv.key))})
             assert event.leader == truth, (event, truth)
+    finally:
+        observer.stop(5)
+        client.close()
+        raw.close()
+
+
+def test_a_new_incarnation_of_the_leaders_key_hidden_by_a_compaction_is_reported(
+        make_etcd: Callable[..., LocalEtcd], election: str) -> None:
+    """The other kind of gap: the revisions after observe's read are compacted before its
+    watch starts, so etcd cancels the watch and observe reads again. That read finds the
+    leader's key re-created (a new fencing token): it must be reported."""
+    server = make_etcd()
+    raw = EtcdClient([server.endpoint], timeout=5)
+    client = _WritesBeforeWatching([server.endpoint], timeout=5)
+    key = f"{election}/1".encode()
+    first = int(raw.put(key, b"leader").header.revision)
+    recreated: list[int] = []
+
+    def resign_win_again_and_compact() -> None:
+        raw.delete(key)
+        recreated.append(int(raw.put(key, b"leader").header.revision))
+        raw.compact(recreated[0])
+
+    client.before_watch = resign_win_again_and_compact
+    events: queue.Queue[Event] = queue.Queue()
+    observer = Observer(client, election, events.put, backoff_max=0.2)
+    observer.start()
+    try:
+        seen = leader_seen_until(events, lambda e: e.leader is not None
+                                 and e.leader.create_revision != first)
+        assert seen[0].leader is not None and seen[0].leader.create_revision == first
+        assert seen[-1].leader is not None and seen[-1].leader.create_revision == recreated[0]
     finally:
         observer.stop(5)
         client.close()
