@@ -644,22 +644,26 @@ class _WatchStream:
             self._client._forget_token()
 
     def _read(self) -> None:
-        error: EtcdError
         try:
-            for resp in self._call:
-                self._client._answered(self.channel)
-                self._route(resp)
-            error = EtcdUnavailable("watch stream: it ended")
-        except grpc.RpcError as exc:
-            error = (self._dead if self._dead is not None else
-                     self._client._translate(exc, "watch stream", self.channel, None))
-        except ValueError as exc:  # the channel was closed (a rebuild)
-            error = EtcdUnavailable(f"watch stream: connection rebuilt ({exc})")
+            error = self._follow()
         except Exception as exc:  # a bug of ours: fail every watch rather than hang them all
             log.exception("watch stream: its reader failed; failing every watch on it")
             self.close(EtcdError(f"watch stream: its reader failed ({exc!r}); watch again"))
             return
         self._end(error)
+
+    def _follow(self) -> EtcdError:
+        """Route every answer until the stream ends; returns why it ended."""
+        try:
+            for resp in self._call:
+                self._client._answered(self.channel)
+                self._route(resp)
+            return EtcdUnavailable("watch stream: it ended")
+        except grpc.RpcError as exc:
+            return (self._dead if self._dead is not None else
+                    self._client._translate(exc, "watch stream", self.channel, None))
+        except ValueError as exc:  # the channel was closed (a rebuild)
+            return EtcdUnavailable(f"watch stream: connection rebuilt ({exc})")
 
     def _route(self, resp: Any) -> None:
         watch_id = int(resp.watch_id)
@@ -667,20 +671,21 @@ class _WatchStream:
             if resp.created:
                 if not self._pending:
                     return
-                watch = self._pending.popleft()
+                # Taken off the line only once settled: should anything here raise, the
+                # watch is still on the stream, and so gets the stream's error.
+                watch = self._pending[0]
                 if resp.canceled:  # refused at creation (e.g. permission): watch_id is -1
                     self._retire()
-                    idle = self._idle()
                 elif watch.cancelled:  # cancelled while its create was in flight
                     self._requests.put(etcdrpc.WatchRequest(
                         cancel_request=etcdrpc.WatchCancelRequest(watch_id=watch_id)))
-                    idle = self._idle()
                 else:
                     if _created_seam is not None:
                         _created_seam(watch)
                     watch.watch_id = watch_id
                     self._active[watch_id] = watch
-                    idle = False
+                self._pending.popleft()
+                idle = self._idle()
             else:
                 watch = self._active.get(watch_id)  # type: ignore[assignment]
                 if watch is None:

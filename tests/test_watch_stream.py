@@ -123,6 +123,7 @@ def test_a_stream_retired_by_a_refused_watch_is_closed_once_idle(
     assert until(lambda: open_streams(server) == 0), "etcd still holds the retired stream"
     fresh = client.watch(b"k")  # the client goes on, on a new stream
     got = drain(fresh)
+    assert until(lambda: fresh.watch_id is not None), "etcd never created the watch"
     client.put(b"k", b"v")
     assert [ev.kv.value for ev in got.get(timeout=WAIT).events] == [b"v"]
     fresh.cancel()
@@ -152,6 +153,7 @@ def test_a_watch_opened_just_as_its_stream_retired_goes_to_a_fresh_stream(
     watch = client.watch(b"k")
     assert picked and watch._stream is not retired
     got = drain(watch)
+    assert until(lambda: watch.watch_id is not None), "etcd never created the watch"
     client.put(b"k", b"v")
     assert [ev.kv.value for ev in got.get(timeout=WAIT).events] == [b"v"]
     watch.cancel()
@@ -220,9 +222,25 @@ def test_a_reader_that_fails_unexpectedly_fails_every_watch_on_its_stream(
     fresh = client.watch(b"w/1")  # a new stream serves the next watch
     assert fresh._stream is not stream
     got = drain(fresh)
+    assert until(lambda: fresh.watch_id is not None), "etcd never created the watch"
     client.put(b"w/1", b"y")
     assert [ev.kv.value for ev in got.get(timeout=WAIT).events] == [b"y"]
     fresh.cancel()
+
+
+def test_a_reader_failing_as_it_takes_a_created_answer_fails_that_watch_too(
+        server: LocalEtcd, client: EtcdClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watch whose ``created`` answer was being taken when the reader failed is neither
+    waiting nor live at that moment; it must get the stream's error like the others."""
+    def bug(watch: Watch) -> None:
+        raise RuntimeError("a bug while taking the created answer")
+
+    monkeypatch.setattr(etcd_module, "_created_seam", bug)
+    watch = client.watch(b"k")
+    error = drain(watch).get(timeout=WAIT)
+    assert isinstance(error, EtcdError) and "reader failed" in str(error), error
+    monkeypatch.setattr(etcd_module, "_created_seam", None)
+    assert until(lambda: open_streams(server) == 0), "etcd still holds the failed stream"
 
 
 def test_observe_reports_a_failed_reader_and_keeps_following(
