@@ -180,8 +180,9 @@ def test_leader_seen_is_stamped_with_the_revision_of_the_last_event_applied(
         raw.put(leader, b"proclaimed")  # a change of the leader in the first response
         for i in range(1100):  # nested election keys: in the watched prefix, not candidates
             raw.put(prefix + f"x/{i}".encode(), b"")
-        raw.delete(leader)  # in a later response: nobody leads
+        deleted.append(int(raw.delete(leader).header.revision))  # later: nobody leads
 
+    deleted: list[int] = []
     raw.put(leader, b"first")
     client.before_watch = backlog
     events: queue.Queue[Event] = queue.Queue()
@@ -191,6 +192,7 @@ def test_leader_seen_is_stamped_with_the_revision_of_the_last_event_applied(
         seen = leader_seen_until(events, lambda e: e.leader is None)
         assert any(e.leader is not None and e.leader.value == b"proclaimed" for e in seen), \
             seen
+        assert seen[-1].revision == deleted[0], "a delete is stamped with its own revision"
         for event in seen:  # each view is etcd's at the revision it is stamped with
             resp = raw.range(prefix, prefix_end(prefix), revision=event.revision)
             truth = leader_of({bytes(kv.key): kv for kv in resp.kvs
