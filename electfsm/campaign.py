@@ -30,12 +30,12 @@ from electfsm.events import Elected, ErrorReported, Event
 
 log = logs.logger("electfsm.campaign")
 
-_CANDIDATE = re.compile(rb"^[0-9a-f]+$")
+_CANDIDATE = re.compile(rb"[0-9a-f]+")
 
 
 def is_candidate_key(prefix: bytes, key: bytes) -> bool:
     """True for ``<prefix><lease hex>``: a candidate of this election, not of a nested one."""
-    return key.startswith(prefix) and bool(_CANDIDATE.match(key[len(prefix):]))
+    return key.startswith(prefix) and bool(_CANDIDATE.fullmatch(key[len(prefix):]))
 
 
 def candidate_key(prefix: str, lease: int) -> str:

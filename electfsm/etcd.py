@@ -13,7 +13,7 @@ import collections
 import contextlib
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -599,22 +599,40 @@ class _WatchStream:
     def usable(self, channel: Any) -> bool:
         return self._dead is None and not self._retired and channel is self.channel
 
-    def add(self, watch: Watch, create: Any) -> None:
+    def add(self, watch: Watch, create: Any) -> bool:
+        """Send ``watch``'s create request; False when the stream was retired since the
+        caller picked it (and may be closed already): the watch belongs on a fresh one."""
         with self._lock:
+            if self._retired:
+                return False
             if self._dead is not None:
                 raise self._dead
             self._pending.append(watch)
             self._requests.put(etcdrpc.WatchRequest(create_request=create))
+            return True
 
-    def cancel(self, watch_id: int) -> None:
+    def cancel(self, watch: Watch) -> None:
+        """End ``watch`` here and at etcd. Under the stream's lock, so it cannot slip between
+        the reader's look at ``watch.cancelled`` and its taking the ``created`` answer: one
+        still waiting for that answer is cancelled at etcd when it comes (see :meth:`_route`)."""
         with self._lock:
-            if self._active.pop(watch_id, None) is None or self._dead is not None:
+            if watch.cancelled:
+                return
+            watch.cancelled = True
+            watch._deliver(None)  # wakes its iterator
+            watch_id = watch.watch_id
+            if (watch_id is None or self._active.pop(watch_id, None) is None
+                    or self._dead is not None):
                 return
             self._requests.put(etcdrpc.WatchRequest(
                 cancel_request=etcdrpc.WatchCancelRequest(watch_id=watch_id)))
-            idle = self._retired and not self._active and not self._pending
+            idle = self._idle()
         if idle:
             self.close(EtcdUnavailable("watch: stream retired"))
+
+    def _idle(self) -> bool:
+        """Retired and serving no watch: nothing will use it again (call with the lock)."""
+        return self._retired and not self._active and not self._pending
 
     def _retire(self) -> None:
         """etcd refused a watch at creation: with auth on, that is also how an expired token
@@ -625,18 +643,26 @@ class _WatchStream:
             self._client._forget_token()
 
     def _read(self) -> None:
-        error: EtcdError
+        try:
+            error = self._follow()
+        except Exception as exc:  # a bug of ours: fail every watch rather than hang them all
+            log.exception("watch stream: its reader failed; failing every watch on it")
+            self.close(EtcdError(f"watch stream: its reader failed ({exc!r}); watch again"))
+            return
+        self._end(error)
+
+    def _follow(self) -> EtcdError:
+        """Route every answer until the stream ends; returns why it ended."""
         try:
             for resp in self._call:
                 self._client._answered(self.channel)
                 self._route(resp)
-            error = EtcdUnavailable("watch stream: it ended")
+            return EtcdUnavailable("watch stream: it ended")
         except grpc.RpcError as exc:
-            error = (self._dead if self._dead is not None else
-                     self._client._translate(exc, "watch stream", self.channel, None))
+            return (self._dead if self._dead is not None else
+                    self._client._translate(exc, "watch stream", self.channel, None))
         except ValueError as exc:  # the channel was closed (a rebuild)
-            error = EtcdUnavailable(f"watch stream: connection rebuilt ({exc})")
-        self._end(error)
+            return EtcdUnavailable(f"watch stream: connection rebuilt ({exc})")
 
     def _route(self, resp: Any) -> None:
         watch_id = int(resp.watch_id)
@@ -644,24 +670,32 @@ class _WatchStream:
             if resp.created:
                 if not self._pending:
                     return
-                watch = self._pending.popleft()
+                # Taken off the line only once settled: should anything here raise, the
+                # watch is still on the stream, and so gets the stream's error.
+                watch = self._pending[0]
                 if resp.canceled:  # refused at creation (e.g. permission): watch_id is -1
                     self._retire()
-                    watch._deliver(resp)
-                    return
-                if watch.cancelled:  # cancelled while its create was in flight
+                elif watch.cancelled:  # cancelled while its create was in flight
                     self._requests.put(etcdrpc.WatchRequest(
                         cancel_request=etcdrpc.WatchCancelRequest(watch_id=watch_id)))
-                    return
-                watch.watch_id = watch_id
-                self._active[watch_id] = watch
+                else:
+                    if _created_seam is not None:
+                        _created_seam(watch)
+                    watch.watch_id = watch_id
+                    self._active[watch_id] = watch
+                self._pending.popleft()
+                idle = self._idle()
             else:
                 watch = self._active.get(watch_id)  # type: ignore[assignment]
                 if watch is None:
                     return  # a watch we cancelled
                 if resp.canceled:  # compacted, or cancelled by etcd: it ends here
                     del self._active[watch_id]
-        watch._deliver(resp)
+                idle = self._idle()
+        if not watch.cancelled:
+            watch._deliver(resp)
+        if idle:  # a retired stream's last watch ended: close it, or it leaks a reader thread
+            self.close(EtcdUnavailable("watch: stream retired"))
 
     def _end(self, error: EtcdError) -> None:
         with self._lock:
@@ -682,6 +716,11 @@ class _WatchStream:
             self._reader.join(wait)
 
 
+#: Test-only seam: called (with the stream's lock held) as a ``created`` answer is matched to
+#: a live watch, just before the watch takes its id; lets a test race ``cancel()`` against it.
+_created_seam: Callable[[Watch], None] | None = None
+
+
 class Watch:
     """One etcd watch (on the client's shared watch stream). Iterating yields
     ``WatchResponse`` messages with events; errors come out as
@@ -693,7 +732,8 @@ class Watch:
         self.cancelled = False
         self.watch_id: int | None = None
         self._stream = client._watch_stream(f"watch {key!r}")
-        self._stream.add(self, create)
+        while not self._stream.add(self, create):  # retired meanwhile: the next one is fresh
+            self._stream = client._watch_stream(f"watch {key!r}")
 
     def _deliver(self, item: Any) -> None:
         self._items.put(item)
@@ -718,9 +758,4 @@ class Watch:
                 yield item
 
     def cancel(self) -> None:
-        if self.cancelled:
-            return
-        self.cancelled = True
-        self._items.put(None)
-        if self.watch_id is not None:
-            self._stream.cancel(self.watch_id)
+        self._stream.cancel(self)

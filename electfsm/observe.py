@@ -130,7 +130,10 @@ class Observer:
                     touched = touched or key == first or key == self._last_key
                 if lost_first:
                     first = _first(candidates)
-                self._report(candidates, first, int(wresp.header.revision), force=touched)
+                # The view is that of the last event applied, not of the header: while etcd
+                # sends a backlog, the header's revision is ahead of the events it carries.
+                self._report(candidates, first, int(wresp.events[-1].kv.mod_revision),
+                             force=touched)
         finally:
             watch.cancel()
             with self._lock:
@@ -138,11 +141,11 @@ class Observer:
 
     def _report(self, candidates: dict[bytes, Any], first: bytes | None, revision: int,
                 *, force: bool) -> None:
-        """Tell the dispatcher who leads. Skipped only when the first candidate is the one
-        reported last and no event touched its key (or the last reported one's): every put
-        or delete of the leader's key is reported."""
-        if self._reported and not force and first == self._last_key:
-            return
+        """Tell the dispatcher who leads. Skipped only when the leader is the one reported
+        last in every field (key, create revision, lease, value) and no event touched its
+        key (or the last reported one's): every put or delete of the leader's key is
+        reported, and so is a new incarnation of the same key that a read after a gap finds
+        (the leader resigned and won again alone while the stream was down)."""
         leader = None if first is None else leader_of({first: candidates[first]})
         if self._reported and leader == self._last and not force:
             return

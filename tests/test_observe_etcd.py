@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from electfsm import EtcdError, EtcdUnavailable, LeaderSeen
+from electfsm.campaign import is_candidate_key
 from electfsm.embedded import LocalEtcd
 from electfsm.etcd import EtcdClient
 from electfsm.events import Event
@@ -88,10 +89,22 @@ def test_keys_of_a_nested_election_are_not_candidates(
     assert next_leader(seen).leader is None
     raw.put(f"{election}/x/1234".encode(), b"nested")  # a candidate of election "<name>/x"
     raw.put(f"{election}/notes".encode(), b"not a lease id")
+    raw.put(f"{election}/abc\n".encode(), b"a lease id and a newline")
     lease, _ = raw.grant(30)
     raw.put(f"{election}/{lease:x}".encode(), b"real", lease=lease)
     got = next_leader(seen)
     assert got.leader is not None and got.leader.identity == "real"
+
+
+@pytest.mark.parametrize(("suffix", "candidate"), [
+    (b"1a2b", True), (b"1a2b\n", False), (b"1a2b\n\n", False), (b"\n", False),
+    (b"", False), (b"1A2B", False), (b"x/1a2b", False),
+])
+def test_a_candidate_key_is_the_prefix_and_a_lease_in_hex_and_nothing_else(
+        suffix: bytes, candidate: bool) -> None:
+    """``$`` also matches before a trailing newline: ``<election>/1a2b\\n``, a key anyone
+    may write, once passed for a candidate and could be reported as the leader."""
+    assert is_candidate_key(b"e/", b"e/" + suffix) is candidate
 
 
 def test_a_timed_out_call_does_not_poison_the_client(
