@@ -439,4 +439,5 @@ class Dispatcher:
 def _same_leader(a: LeaderInfo | None, b: LeaderInfo | None) -> bool:
     if a is None or b is None:
         return a is b
-    return (a.key, a.create_revision, a.value) == (b.key, b.create_revision, b.value)
+    return ((a.key, a.create_revision, a.lease, a.value)
+            == (b.key, b.create_revision, b.lease, b.value))

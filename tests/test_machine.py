@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from electfsm import (
@@ -407,3 +408,16 @@ def test_exit_hooks_of_an_earlier_term_do_not_run_for_a_term_that_never_began() 
         h.elect()
     h.dispatcher.abort(MemoryError("as the elector's dispatcher thread does"))
     assert [c[0] for c in calls] == ["enter", "exit"]
+
+
+def test_a_new_lease_on_the_leaders_key_is_a_leader_change(h: Harness) -> None:
+    changes: list[tuple[int, int]] = []
+    h.on_leader_change(lambda old, new: changes.append((old.lease if old else 0,
+                                                        new.lease if new else 0)))
+    h.connect()
+    seen = h.see_leader("node-b", lease=0xB)
+    assert seen.leader is not None
+    moved = attrs.evolve(seen.leader, lease=0xC)  # same key and create revision, new lease
+    h.inject(LeaderSeen(leader=moved, revision=h.next_revision()))
+    assert changes == [(0, 0xB), (0xB, 0xC)]
+    assert h.leader is not None and h.leader.lease == 0xC
