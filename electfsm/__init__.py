@@ -44,11 +44,15 @@ from electfsm.events import (
     Stop,
 )
 from electfsm.machine import STATES, TABLE, State
+from electfsm.security import TLS, Auth
+from electfsm.sessions import Session
 from electfsm.term import Term
 
 __all__ = [
     "STATES",
     "TABLE",
+    "TLS",
+    "Auth",
     "Change",
     "ConfigError",
     "Elected",
@@ -67,6 +71,7 @@ __all__ = [
     "NotLeaderError",
     "PermissionDenied",
     "Resign",
+    "Session",
     "SessionLost",
     "SessionUp",
     "State",

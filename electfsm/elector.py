@@ -6,7 +6,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -28,8 +28,11 @@ from electfsm.hooks import HookMethods, Hooks
 from electfsm.machine import State
 from electfsm.observe import Subscription
 from electfsm.security import TLS, Auth
-from electfsm.session import SessionWatch
+from electfsm.session import Member, SessionWatch
 from electfsm.term import Term
+
+if TYPE_CHECKING:
+    from electfsm.sessions import Session
 
 log = logs.logger("electfsm")
 
@@ -77,9 +80,19 @@ class Elector(HookMethods):
                  margin: float | None = None, call_timeout: float = 2.0,
                  backoff_max: float = 2.0, tls: TLS | None = None, auth: Auth | None = None,
                  client: EtcdClient | None = None, work_grace: float = 5.0,
-                 slow_hook: float | None = None) -> None:
+                 slow_hook: float | None = None, session: Session | None = None) -> None:
         self._pid = os.getpid()
-        if client is not None:
+        self._shared = session
+        if session is not None:
+            if endpoints is not None or tls is not None or auth is not None or client:
+                raise ConfigError("with session=, the connection is the session's: pass "
+                                  "endpoints/tls/auth/client to Session, not to the Elector")
+            sc = session.config
+            endpoints, ttl, margin = list(sc.endpoints), sc.ttl, sc.margin
+            call_timeout, backoff_max, tls, auth = (sc.call_timeout, sc.backoff_max, sc.tls,
+                                                    sc.auth)
+            client = session.client
+        elif client is not None:
             if endpoints is not None or tls is not None or auth is not None:
                 raise ConfigError("pass either client= (a shared connection) or "
                                   "endpoints/tls/auth, not both")
@@ -99,9 +112,15 @@ class Elector(HookMethods):
         self._changed = threading.Condition()
         self._owns_client = client is None
         self._client = client if client is not None else EtcdClient.for_config(self.config)
-        self._session = SessionWatch(self._client, self.config, self._queue.put,
-                                     clock=clock.now, owner=self,
-                                     on_keepalive=self._renewed)
+        self._member = Member(config=self.config, emit=self._queue.put, owner=self,
+                              on_keepalive=self._renewed)
+        if session is not None:
+            self._session = session._watch
+            session._join(self)
+        else:
+            self._session = SessionWatch(self._client, self.config, clock=clock.now,
+                                         owner=self)
+            self._session.members.append(self._member)
         self._observer = Subscription(self._client, self.config.election, self._queue.put,
                                       self.config.backoff_max)
         self._dispatcher = Dispatcher(election=self.config.election, value=self.config.identity,
@@ -136,9 +155,14 @@ class Elector(HookMethods):
                 raise ElectorStopped("this elector was stopped; create a new Elector to run "
                                      "again")
             if not self._started:
+                if self._shared is not None:
+                    self._shared.start()  # raises ElectorStopped if the session was stopped
                 self._thread.start()
                 self._observer.start()
-                self._session.start()
+                if self._shared is not None:
+                    self._session.attach(self._member)
+                else:
+                    self._session.start()
                 self._started = True
         return self
 
@@ -428,8 +452,11 @@ class Elector(HookMethods):
                                  left - min(left / 2, self.config.call_timeout)))
         finally:  # nothing may skip ending the session: it is what renews the lease
             # The revoke gets at least one call's time, whatever stop(timeout) asked for.
-            self._session.stop(max(by - clock.now(), self.config.call_timeout + 1),
-                               revoke=self._revoke)
+            budget = max(by - clock.now(), self.config.call_timeout + 1)
+            if self._shared is not None:  # the lease goes on for the other elections
+                self._session.detach(self._member, budget, delete_key=self._revoke)
+            else:
+                self._session.stop(budget, revoke=self._revoke)
             self._observer.stop(max(0.0, by - clock.now()))
         if not self._owns_client:
             return
@@ -479,7 +506,7 @@ class _Effects:
         self._e = elector
 
     def recampaign(self, generation: int) -> None:
-        campaign = self._e._session.campaign(generation)
+        campaign = self._e._session.campaign(generation, self._e._member)
         if campaign is not None:
             campaign.recampaign()
 
@@ -487,7 +514,7 @@ class _Effects:
         # The term is cancelled: our key stays first until its work has returned, so the
         # next leader's work cannot overlap it (the same rule as stop()).
         self._e._await_work(self._e.work_grace)
-        campaign = self._e._session.campaign(generation)
+        campaign = self._e._session.campaign(generation, self._e._member)
         if campaign is not None:
             campaign.resign(create_revision)
 

@@ -27,10 +27,13 @@ import functools
 import threading
 from collections.abc import Callable
 
+import attrs
+
 from electfsm import clock as _clock
 from electfsm import logs
 from electfsm.backoff import Backoff
 from electfsm.campaign import Campaign
+from electfsm.campaign import candidate_key as campaign_key
 from electfsm.config import ElectorConfig, safe_until
 from electfsm.errors import EtcdError, EtcdUnavailable, LeaseNotFound
 from electfsm.etcd import EtcdClient
@@ -44,21 +47,38 @@ MIN_CALL = 0.01
 STOPPED = "stopped"
 
 
-class SessionWatch:
-    """Owns the lease of each session generation and the campaign running for it.
+@attrs.define(eq=False)
+class Member:
+    """One election on a session: its config, where its events go, its campaign."""
 
+    config: ElectorConfig
+    emit: Callable[[Event], None]
+    owner: logs.Owner | None = None
+    #: told how long each confirmed keepalive took (seconds), for metrics
+    on_keepalive: Callable[[float], None] | None = None
+    campaign: Campaign | None = None
+
+
+class SessionWatch:
+    """Owns the lease of each session generation and, for each election on it (a
+    :class:`Member`), the campaign running for that lease.
+
+    One elector alone gives its ``emit`` here and is the only member; a shared
+    :class:`electfsm.Session` starts with none and electors :meth:`attach` and :meth:`detach`.
     ``clock`` defaults to the package clock; deadlines (:meth:`deadline`) are on it.
     """
 
-    def __init__(self, client: EtcdClient, config: ElectorConfig, emit: Callable[[Event], None],
+    def __init__(self, client: EtcdClient, config: ElectorConfig,
+                 emit: Callable[[Event], None] | None = None,
                  clock: Callable[[], float] | None = None, owner: logs.Owner | None = None,
                  on_keepalive: Callable[[float], None] | None = None) -> None:
         self._owner = owner
-        #: told how long each confirmed keepalive took (seconds), for metrics
-        self.on_keepalive = on_keepalive
+        self.members: list[Member] = []
+        if emit is not None:
+            self.members.append(Member(config=config, emit=emit, owner=owner,
+                                       on_keepalive=on_keepalive))
         self._client = client
         self._config = config
-        self._emit = emit
         self._clock = _clock.now if clock is None else clock
         self._watchdog = _clock.watchdog(self._clock)
         self._stopping = threading.Event()
@@ -70,7 +90,6 @@ class SessionWatch:
         self._safe_until = float("-inf")
         self._lost = True  # the current generation's loss was declared (or none is up)
         self._alarm: _clock.Alarm | None = None
-        self._campaign: Campaign | None = None
         self._on_lost: list[threading.Event] = []
         self._unrevoked: list[int] = []  # lost leases whose revoke failed
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -101,9 +120,52 @@ class SessionWatch:
                 return
         cancelled.set()
 
-    def campaign(self, generation: int) -> Campaign | None:
+    def campaign(self, generation: int, member: Member | None = None) -> Campaign | None:
         with self._lock:
-            return self._campaign if generation == self.generation else None
+            if generation != self.generation:
+                return None
+            if member is None:
+                member = self.members[0] if self.members else None
+            return member.campaign if member is not None else None
+
+    def attach(self, member: Member) -> None:
+        """Add an election to the session; it campaigns at once if a lease is up."""
+        with self._lock:
+            self.members.append(member)
+            campaign = None
+            if not self._lost:
+                campaign = member.campaign = Campaign(
+                    self._client, member.config, self.generation, self.lease, member.emit,
+                    member.owner)
+                member.emit(SessionUp(generation=self.generation, lease=self.lease,
+                                      ttl=self.granted_ttl or self._config.ttl))
+        if campaign is not None:
+            campaign.start()
+
+    def detach(self, member: Member, timeout: float, *, delete_key: bool = True) -> None:
+        """Take an election off the session; the lease goes on for the others. With
+        ``delete_key``, our candidate key of the live lease is deleted (the lease is not
+        revoked, so nothing else would delete it)."""
+        with self._lock:
+            if member in self.members:
+                self.members.remove(member)
+            campaign, member.campaign = member.campaign, None
+            live, lease = not self._lost, self.lease
+        if campaign is not None:
+            campaign.cancel()
+            campaign.join(timeout)
+        if delete_key and live:
+            key = campaign_key(member.config.prefix, lease)
+            try:
+                self._client.delete(key.encode(), timeout=min(timeout,
+                                                              self._config.call_timeout))
+            except EtcdError as exc:
+                log.warning("%s: could not delete our key %s (%s); it goes when the session's "
+                            "lease ends", member.config.election, key, exc)
+
+    def _emit(self, event: Event) -> None:
+        for member in list(self.members):
+            member.emit(event)
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
@@ -135,24 +197,30 @@ class SessionWatch:
             margin = self._config.margin_for(ttl)
             until = safe_until(sent, ttl, margin)
             self._revoke_lost(ttl, sent, until)
-            campaign = Campaign(self._client, self._config, self.generation + 1, lease,
-                                self._emit, self._owner)
             with self._lock:
                 self.generation += 1
                 generation = self.generation
                 self.lease, self.granted_ttl = lease, ttl
                 self._safe_until = until
                 self._lost = False
-                self._campaign = campaign
                 self._on_lost = []
+                campaigns = []
+                for member in self.members:
+                    member.campaign = Campaign(self._client, member.config, generation, lease,
+                                               member.emit, member.owner)
+                    campaigns.append(member.campaign)
                 # under the lock: no SessionLost of this generation can come before it
                 self._emit(SessionUp(generation=generation, lease=lease, ttl=ttl))
                 self._alarm = self._watchdog.arm(
                     until, functools.partial(self._deadline_passed, generation))
-            campaign.start()
+            for campaign in campaigns:
+                campaign.start()
             reason = self._keep_alive(generation, lease, ttl, margin, sent)
             self._lose(generation, reason, announce=reason != STOPPED)
-            campaign.join(self._config.call_timeout + 1)
+            with self._lock:
+                ended = [m.campaign for m in self.members if m.campaign is not None]
+            for campaign in {id(c): c for c in [*campaigns, *ended]}.values():
+                campaign.join(self._config.call_timeout + 1)
             if not self._revoke:
                 log.info("%s: leaving lease %x to expire on its own", self._config.election, lease)
                 continue
@@ -234,12 +302,12 @@ class SessionWatch:
             self._safe_until = float("-inf")
             waiting, self._on_lost = self._on_lost, []
             alarm, self._alarm = self._alarm, None
-            campaign = self._campaign
+            campaigns = [m.campaign for m in self.members if m.campaign is not None]
         if alarm is not None:
             alarm.cancel()
         for cancelled in waiting:
             cancelled.set()
-        if campaign is not None:
+        for campaign in campaigns:
             campaign.cancel()
         if announce:
             self._emit(SessionLost(generation=generation, reason=reason))
@@ -286,8 +354,10 @@ class SessionWatch:
                 continue
             if granted <= 0:
                 return "etcd says the lease expired or was revoked (TTL 0)"
-            if self.on_keepalive is not None:
-                self.on_keepalive(self._clock() - now)
+            took = self._clock() - now
+            for member in list(self.members):
+                if member.on_keepalive is not None:
+                    member.on_keepalive(took)
             with self._lock:
                 # Taken in past the deadline (a stall while etcd answered), or after the
                 # watchdog ended the term: someone may have seen it end, so it must not

@@ -69,7 +69,7 @@ def spy_queue(e: Elector) -> list[tuple[float, Any]]:
         seen.append((time.monotonic(), event))
         put(event)
 
-    e._session._emit = recording  # the campaign threads get theirs from the session
+    e._session.members[0].emit = recording  # the campaigns get theirs from the member
     e._observer._emit = recording  # type: ignore[attr-defined]
     return seen
 
