@@ -110,6 +110,8 @@ class Dispatcher:
         self.telemetry: list[Telemetry] = []
         #: a hook that takes longer (on ``clock``) is logged as a warning; None: never
         self.slow_hook: float | None = None
+        #: elect on observe's view showing our key first (else only on the campaign's read)
+        self.confirm_from_stream = True
         self._reported: LeaderInfo | None = None
         self._pending: Term | None = None
         self._reason = ""
@@ -208,7 +210,7 @@ class Dispatcher:
         self._fire("session_up", f"lease {event.lease:x} granted, ttl {event.ttl}s")
         self._follow_observed()
 
-    def _elected(self, event: Elected) -> None:
+    def _elected(self, event: Elected, by: str = "a read") -> None:
         if not self._current(event.generation, event) or self.state not in ("candidate",
                                                                             "follower"):
             return
@@ -238,7 +240,8 @@ class Dispatcher:
             deadline_fn=lambda: self.effects.deadline(generation), clock=self.clock,
         )
         self._elected_revision = event.revision
-        self._fire("elected", f"key {event.key} confirmed first at revision {event.revision}")
+        self._fire("elected", f"key {event.key} shown first at revision {event.revision} "
+                              f"by {by}")
 
     def _leader_seen(self, event: LeaderSeen) -> None:
         if event.revision < self.observed_revision:
@@ -252,6 +255,18 @@ class Dispatcher:
                 who = event.leader.identity if event.leader else "nobody"
                 self._depose(f"at revision {event.revision} {who} leads, not us")
             return
+        leader = event.leader
+        if (self.confirm_from_stream and leader is not None and self.generation is not None
+                and self.state in ("candidate", "follower") and leader.key == self.our_key
+                and leader.lease == self.lease):
+            # etcd's ordered event stream of the election shows our key (our lease: this
+            # session's) first once the event at this revision is applied: the same fact a
+            # read at that revision gives. Any later delete of it comes on the same stream.
+            self._elected(Elected(generation=self.generation, key=leader.key,
+                                  create_revision=leader.create_revision,
+                                  revision=event.revision), by="the election's event stream")
+            if self.term is not None:  # elected (else: too late, or a newer view; go on)
+                return
         self._follow_observed()
 
     def _follow_observed(self) -> None:

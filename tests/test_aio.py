@@ -77,6 +77,7 @@ async def test_the_body_is_cancelled_at_once_when_our_key_is_deleted(
             raw.delete(term.key.encode())  # by hand: deposed
             await anyio.sleep(30)
             pytest.fail("the body was not cancelled")
+        await until(lambda: term.ended_by is not None)
         assert term.ended_by == "deposed" and not term.valid
 
 
@@ -99,6 +100,7 @@ async def test_resign_releases_the_key_only_after_the_bodys_cleanup(
                     with anyio.CancelScope(shield=True):
                         await anyio.sleep(0.3)  # cleanup that takes a while
                     marks["a cleaned up"] = time.monotonic()
+            await until(lambda: term.ended_by is not None)
             assert term.ended_by == "resign"
             await until(lambda: "b leads" in marks)
     finally:
@@ -120,6 +122,7 @@ async def test_the_body_is_cancelled_at_the_deadline_while_etcd_is_paused(
             finally:
                 marks["cancelled"] = clock.now()
                 server.resume()
+        await until(lambda: term.ended_by is not None)  # the machine catches up
         assert term.ended_by == "session_lost"
     # the body ended at the local deadline (before etcd could expire the lease), not later
     assert marks["cancelled"] < deadline + a.elector.config.margin_for(2)
@@ -249,6 +252,7 @@ async def test_a_blackholed_leaders_body_is_cancelled_before_another_candidate_l
                     await anyio.sleep(30)
                 finally:
                     marks["a cancelled"] = clock.now()
+            await until(lambda: term.ended_by is not None)
             assert term.ended_by == "session_lost"
             await until(lambda: "b leads" in marks, 15)
     finally:

@@ -91,13 +91,42 @@ def test_follower_tracks_leader_changes_and_falls_back_to_candidate(h: Harness) 
     assert changes == [(None, "node-b"), ("node-b", "node-c"), ("node-c", None)]
 
 
-def test_our_own_unconfirmed_key_is_never_reported_as_leader(h: Harness) -> None:
+def test_a_view_showing_our_key_first_elects_us_without_waiting_for_the_read(
+        h: Harness) -> None:
+    up = h.connect()
+    h.see_leader("node-b")
+    ours = LeaderInfo(identity="node-a", key=h.dispatcher.our_key or "", create_revision=150,
+                      lease=up.lease, value=b"node-a")
+    h.inject(LeaderSeen(leader=ours, revision=160))
+    assert h.state == "leader"
+    assert h.term is not None and h.term.token == 150 and h.leader == ours
+
+
+def test_our_key_name_with_another_lease_is_not_us(h: Harness) -> None:
+    up = h.connect()
+    stale = LeaderInfo(identity="node-a", key=h.dispatcher.our_key or "", create_revision=9,
+                       lease=up.lease + 1, value=b"node-a")
+    h.inject(LeaderSeen(leader=stale, revision=10))
+    assert h.state != "leader" and h.term is None
+
+
+def test_without_stream_confirmation_only_the_read_elects(h: Harness) -> None:
+    h.dispatcher.confirm_from_stream = False
     up = h.connect()
     ours = LeaderInfo(identity="node-a", key=h.dispatcher.our_key or "", create_revision=9,
                       lease=up.lease, value=b"node-a")
     h.inject(LeaderSeen(leader=ours, revision=10))
     assert h.state == "candidate"
     assert h.leader is None
+
+
+def test_a_view_of_our_key_after_the_deadline_does_not_elect(h: Harness) -> None:
+    up = h.connect()
+    ours = LeaderInfo(identity="node-a", key=h.dispatcher.our_key or "", create_revision=9,
+                      lease=up.lease, value=b"node-a")
+    h.clock.advance(h.ttl)  # the deadline passed; the session's loss is queued behind
+    h.inject(LeaderSeen(leader=ours, revision=10))
+    assert h.state != "leader"
 
 
 def test_newer_view_without_our_key_deposes_the_leader(h: Harness) -> None:
