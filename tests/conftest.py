@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from cli_kit import Proc
-from scenario_kit import SLACK, SLACK_ENV
+from scenario_kit import SLACK, SLACK_ENV, TTL
 
 from electfsm.chaos import Lab
 from electfsm.embedded import (
@@ -32,8 +32,9 @@ from electfsm.embedded import (
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return (f"electfsm: {SLACK_ENV}={SLACK:g} (timing allowances x{SLACK:g}); test etcd raft "
-            f"heartbeat {RAFT_HEARTBEAT_MS} ms, election timeout {RAFT_ELECTION_MS} ms")
+    return (f"electfsm: {SLACK_ENV}={SLACK:g} (timing allowances x{SLACK:g}, scenario TTL "
+            f"{TTL} s); test etcd raft heartbeat {RAFT_HEARTBEAT_MS} ms, election timeout "
+            f"{RAFT_ELECTION_MS} ms")
 
 
 @pytest.fixture(scope="session")
@@ -75,13 +76,15 @@ def election(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def make_lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Lab]]:
     """``make_lab(endpoints=None, **Lab kwargs)``: a started fault-injection lab
-    (:class:`electfsm.chaos.Lab`) on the given endpoints, else on the session's etcd."""
+    (:class:`electfsm.chaos.Lab`) on the given endpoints, else on the session's etcd; its
+    candidates' TTL is ``scenario_kit.TTL`` unless given."""
     labs: list[Lab] = []
 
     def make(endpoints: list[str] | None = None, **kwargs: Any) -> Lab:
         if endpoints is None:
             endpoints = [request.getfixturevalue("etcd").endpoint]
         name = f"sc/{request.node.name}-{len(labs)}".replace("[", "_").replace("]", "_")
+        kwargs.setdefault("ttl", TTL)
         lab = Lab(tmp_path / f"lab{len(labs)}", endpoints=endpoints, name=name, **kwargs)
         labs.append(lab)
         return lab.start()

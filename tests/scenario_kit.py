@@ -6,6 +6,8 @@ pays for scheduling delay: how late a hook may run after its deadline, the toler
 of a TTL for a failover, how long a test waits for something to happen. The physics the
 bound checks (a TTL, a margin, etcd's election timeout) is never scaled, so a slow CI
 (``ELECTFSM_TEST_SLACK=3``) gets room to breathe and a fast machine keeps the tight check.
+The one exception is the scenarios' lease TTL (``TTL``), which grows with the slack so that
+their steady-state windows tolerate stalls in proportion.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from electfsm.candidate import CandidateProcess
 from electfsm.chaos import Lab
 from electfsm.checker import Report
+from electfsm.config import default_margin
 from electfsm.embedded import ELECTION_TIMEOUT
 from electfsm.errors import EtcdError
 
@@ -39,6 +42,12 @@ def _slack_from_env() -> float:
 
 #: the factor every scheduling allowance in the tests is multiplied by
 SLACK = _slack_from_env()
+
+#: The lease TTL the scenario tests run with: 2 s, stretched with the slack, because a quiet
+#: window (L3: not one transition) survives a stall only up to about a renew interval.
+TTL = max(2, round(2 * SLACK))
+#: electfsm's default step-down margin for that TTL
+MARGIN = default_margin(TTL)
 
 #: the properties a scenario with at least one working term always exercises: tokens, fenced
 #: writes, guarded appends, work within the deadline, overlap, confirmation at a recorded

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 from etcd3 import etcdrpc
-from scenario_kit import ELECTION, WORKING, MakeLab, ok, poll, slack
+from scenario_kit import ELECTION, TTL, WORKING, MakeLab, ok, poll, slack
 
 from electfsm.chaos import Freezer, PartitionableCluster, cgroup_problem, run_chaos
 from electfsm.checker import terms_of
@@ -30,7 +30,6 @@ from electfsm.errors import EtcdError
 from electfsm.etcd import EtcdClient
 from electfsm.security import Auth
 
-TTL = 2
 L1_BOUND = TTL + slack(0.6)
 # After the etcd leader changed, leases are refreshed to a full TTL + the election timeout;
 # the new raft leader is elected within two election timeouts of the fault.
@@ -552,7 +551,7 @@ def test_s28_replacing_a_member_keeps_one_leader(
 
 def test_s29_short_randomized_run_holds_every_property(tmp_path: Path) -> None:
     """A 20-second Jepsen-style run with a fixed seed (``make chaos`` runs it for longer)."""
-    report = run_chaos(seed=4, seconds=20, candidates=3, out=tmp_path / "chaos")
+    report = run_chaos(seed=4, seconds=20, candidates=3, out=tmp_path / "chaos", ttl=TTL)
     # the schedule has no steady window, half-open link or resign: L3, L4, P8 have nothing
     ok(report, (*WORKING, "L1"))
     schedule = (tmp_path / "chaos" / "schedule.jsonl").read_text()
@@ -561,7 +560,7 @@ def test_s29_short_randomized_run_holds_every_property(tmp_path: Path) -> None:
     # every fault drawn was injected: none skipped, none lost
     assert report.metrics["faults_by_kind"] == dict(drawn), report.metrics
     assert report.metrics["faults_skipped"] == 0
-    again = run_chaos(seed=4, seconds=20, candidates=3, out=tmp_path / "again",
+    again = run_chaos(seed=4, seconds=20, candidates=3, out=tmp_path / "again", ttl=TTL,
                       dry_run=True)
     assert again.metrics["faults"] == len(schedule.splitlines())
     assert (tmp_path / "again" / "schedule.jsonl").read_text() == schedule
@@ -600,7 +599,7 @@ def test_chaos_command_exits_1_when_a_candidate_breaks_a_property(tmp_path: Path
     out = tmp_path / "chaos"
     proc = subprocess.run(
         [sys.executable, "-m", "electfsm.chaos", "--seed", "4", "--minutes", "0.2",
-         "--candidates", "2", "--out", str(out)],
+         "--candidates", "2", "--ttl", str(TTL), "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=slack(240))
     assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

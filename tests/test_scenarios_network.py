@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from scenario_kit import WORKING, MakeLab, ok, poll, slack
+from scenario_kit import TTL, WORKING, MakeLab, ok, poll, slack
 
 from electfsm.candidate import CandidateProcess, event_time
 from electfsm.chaos import Lab, PacketFilter, nft_problem
@@ -17,8 +17,6 @@ from electfsm.checker import terms_of
 from electfsm.errors import EtcdError
 from electfsm.etcd import EtcdClient
 
-TTL = 2
-MARGIN = 0.25
 L1_BOUND = TTL + slack(0.6)
 # The dispatcher runs the exit hooks a moment after the session thread's deadline passed.
 HOOK_SLACK = slack(0.2)

@@ -15,15 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scenario_kit import WORKING, MakeLab, ok, poll, slack, worked
+from scenario_kit import MARGIN, TTL, WORKING, MakeLab, ok, poll, slack, worked
 
 from electfsm.candidate import CandidateProcess, event_time, faketime_problem
 from electfsm.chaos import CpuLimit, cgroup_problem
 from electfsm.checker import terms_of
 from electfsm.embedded import LocalEtcd
 
-TTL = 2
-MARGIN = 0.25  # electfsm's default for a 2 s TTL
 RENEW = TTL / 3
 L1_BOUND = TTL + slack(0.6)
 # a lease that expires lets the next leader in no sooner than this after its holder died;
