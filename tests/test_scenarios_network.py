@@ -88,7 +88,7 @@ def test_s8_follower_whose_lease_expires_while_cut_off_never_becomes_a_phantom_l
     lab = make_lab()
     a, b = two(lab)
     b_key = next(k for k in lab.candidate_keys() if k["value"] == "b")
-    with lab.fault("blackhole the follower past its TTL; the leader resigns meanwhile"):
+    with lab.fault("blackhole the follower past its TTL; the leader resigns meanwhile") as f:
         lab.link("b").blackhole()
         gone = lab.wait_etcd(lambda e: e["type"] == "DELETE" and e["key"] == b_key["key"],
                              TTL + slack(2))
@@ -98,8 +98,8 @@ def test_s8_follower_whose_lease_expires_while_cut_off_never_becomes_a_phantom_l
         lab.link("b").pass_through()
     assert b.wait_state("follower", "leader", timeout=TTL + slack(3), after=event_time(gone))
     time.sleep(0.5)
-    report = lab.finish()
-    ok(report)
+    report = lab.finish(heals=[(f["end"], L1_BOUND)])
+    ok(report, (*WORKING, "L1"))
     assert not [s for s in terms_of(lab.history()) if s.key == b_key["key"]]
 
 
@@ -112,21 +112,23 @@ def test_s8_lease_revoked_just_before_the_predecessor_goes_never_elects_the_dead
     two(lab)
     raw = EtcdClient(lab.endpoints, timeout=2)
     dead: list[dict[str, Any]] = []
+    heals: list[tuple[float, float]] = []
     try:
         for _ in range(3):
             leader = lab.settle()
             keys = {k["value"]: k for k in lab.candidate_keys()}
             follower = next(c for c in lab.live() if c is not leader)
             fk, lk = keys[follower.identity], keys[leader.identity]
-            with lab.fault("revoke the follower's lease, then delete the leader's key"):
+            with lab.fault("revoke the follower's lease, then delete the leader's key") as f:
                 raw.revoke(int(fk["lease"]))
                 raw.delete(lk["key"].encode())
             dead.append(fk)
+            heals.append((f["end"], L1_BOUND))
             time.sleep(1.0)
     finally:
         raw.close()
-    report = lab.finish()
-    ok(report)
+    report = lab.finish(heals=heals)
+    ok(report, (*WORKING, "L1"))
     spans = terms_of(lab.history())
     for fk in dead:
         assert not [s for s in spans if s.key == fk["key"] and s.token == fk["create_revision"]]
@@ -153,7 +155,7 @@ def test_s9_ambiguous_campaign_retries_with_the_same_key(make_lab: MakeLab) -> N
     b = lab.spawn("b", call_timeout=5 * hold, ttl=max(TTL, math.ceil(8 * hold)))
     put = lab.wait_etcd(lambda e: e["type"] == "PUT" and e["value"] == "b", slack(10))
     assert put is not None
-    with lab.fault("drop the campaign's answer (and everything else) until b sees it lost"):
+    with lab.fault("drop the campaign's answer (and everything else) until b sees it lost") as f:
         link.drop_responses()
         # b's first campaign step to fail after the commit must be the transaction itself;
         # had its answer come through, b would have gone on to read who is ahead and watch
@@ -184,8 +186,8 @@ def test_s9_ambiguous_campaign_retries_with_the_same_key(make_lab: MakeLab) -> N
     b_keys = {e["key"] for e in records}
     b_leases = {e["lease"] for e in records}
     assert len(b_keys) == len(b_leases), "one key per lease: the retry reused its key"
-    report = lab.finish()
-    ok(report)
+    report = lab.finish(heals=[(f["end"], L1_BOUND)])
+    ok(report, (*WORKING, "L1"))
 
 
 # --------------------------------------------------------------------------- S10, S11
@@ -220,13 +222,13 @@ def test_s11_packets_from_etcd_dropped_is_a_half_open_link_too(make_lab: MakeLab
     lab = make_lab()
     a, _b = two(lab)
     port = lab.link("a").proxies[0].port
-    with PacketFilter() as pf, lab.fault("nft: drop packets from etcd to the leader"):
+    with PacketFilter() as pf, lab.fault("nft: drop packets from etcd to the leader") as f:
         pf.drop(port, direction="from_server")
         lab.wait_leader(timeout=TTL + slack(3), exclude=[a])
         time.sleep(0.5)
     down = stepped_down_by_its_deadline(lab, a)
-    report = lab.finish(stepdowns=[(down, L1_BOUND)])
-    ok(report, (*WORKING, "L4"))
+    report = lab.finish(stepdowns=[(down, L1_BOUND)], heals=[(f["end"], L1_BOUND)])
+    ok(report, (*WORKING, "L1", "L4"))
 
 
 # --------------------------------------------------------------------------- S20, S21, S22
@@ -272,19 +274,19 @@ def test_s21_packet_loss_never_makes_two_leaders(make_lab: MakeLab) -> None:
     lab = make_lab()
     _a, _b = two(lab, call_timeout=1.0)
     port = lab.link("a").proxies[0].port
-    with PacketFilter() as pf, lab.fault("nft: 20 % packet loss on the leader's link"):
+    with PacketFilter() as pf, lab.fault("nft: 20 % packet loss on the leader's link") as f:
         pf.drop(port, direction="both", percent=20)
         time.sleep(4)
     time.sleep(1.0)
-    report = lab.finish()
-    ok(report)
+    report = lab.finish(heals=[(f["end"], L1_BOUND)])
+    ok(report, (*WORKING, "L1"))
 
 
 def test_s22_flapping_link_keeps_churn_bounded_and_leaks_nothing(make_lab: MakeLab) -> None:
     lab = make_lab()
     a, _b = two(lab)
     cycles = 3
-    with lab.fault(f"blackhole on/off every 0.5 x TTL, {cycles} cycles"):
+    with lab.fault(f"blackhole on/off every 0.5 x TTL, {cycles} cycles") as f:
         for _ in range(cycles):
             lab.link("a").blackhole()
             time.sleep(0.5 * TTL)
@@ -292,7 +294,7 @@ def test_s22_flapping_link_keeps_churn_bounded_and_leaks_nothing(make_lab: MakeL
             time.sleep(0.5 * TTL)
     time.sleep(1.0)
     moves = [e for e in a.events() if e["kind"] == "transition"]
-    report = lab.finish()
-    ok(report)
+    report = lab.finish(heals=[(f["end"], L1_BOUND)])
+    ok(report, (*WORKING, "L1"))
     # at most a step-down and a way back (disconnected -> candidate -> follower) per cycle
     assert len(moves) <= 2 + 3 * cycles, [(e["source"], e["dest"]) for e in moves]

@@ -271,13 +271,13 @@ def test_s19_cpu_starved_leader_renews_or_steps_down_in_time(make_lab: MakeLab) 
     lab.settle()
     limit = CpuLimit(starved.pid, 5)
     try:
-        with lab.fault("5 % CPU quota on the leader"):
+        with lab.fault("5 % CPU quota on the leader") as f:
             time.sleep(2 * TTL)
     finally:
         limit.remove()
     time.sleep(1.0)
-    report = lab.finish()
-    ok(report)
+    report = lab.finish(heals=[(f["end"], L1_BOUND)])
+    ok(report, (*WORKING, "L1"))
 
 
 # --------------------------------------------------------------------------- S25
@@ -290,7 +290,7 @@ def test_s25_stale_resign_and_proclaim_from_a_paused_leader_do_nothing(
     lab.wait_leader()
     lab.spawn("new")
     lab.settle()
-    with lab.fault("pause the leader past its TTL, then resign + proclaim"):
+    with lab.fault("pause the leader past its TTL, then resign + proclaim") as f:
         old.pause()
         new = lab.wait_leader(timeout=TTL + slack(3), exclude=[old])
         new_token = new.current_term()["token"]  # type: ignore[index]
@@ -302,8 +302,8 @@ def test_s25_stale_resign_and_proclaim_from_a_paused_leader_do_nothing(
     time.sleep(0.5)
     assert new.current_term() is not None
     assert new.current_term()["token"] == new_token  # type: ignore[index]
-    report = lab.finish()
-    ok(report, (*WORKING, "P8"))
+    report = lab.finish(heals=[(f["end"], L1_BOUND)])
+    ok(report, (*WORKING, "P8", "L1"))
 
 
 # --------------------------------------------------------------------------- S26, S27
