@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from scenario_kit import TTL, WORKING, MakeLab, ok, poll, slack
+from scenario_kit import TTL, WORKING, MakeLab, ok, poll, slack, worked
 
 from electfsm.candidate import CandidateProcess, event_time
 from electfsm.chaos import Lab, PacketFilter, nft_problem
@@ -40,8 +40,7 @@ def two(lab: Lab, **kwargs: Any) -> tuple[CandidateProcess, CandidateProcess]:
     a = lab.spawn("a", **kwargs)
     lab.wait_leader()
     b = lab.spawn("b", **kwargs)
-    lab.settle()
-    time.sleep(0.3)
+    worked(lab.settle())  # the faults hit a term that already wrote
     return a, b
 
 

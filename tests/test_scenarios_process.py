@@ -46,7 +46,7 @@ def test_s1_killed_leader_fails_over_within_ttl_and_never_overlaps(make_lab: Mak
     for i in range(3):
         lab.spawn(f"n{i}")
     leader = lab.settle()
-    time.sleep(0.5)
+    worked(leader)
     with lab.fault("SIGKILL the leader") as f:
         leader.kill()
     new = lab.wait_leader(timeout=TTL + slack(3), exclude=[leader])
@@ -62,7 +62,7 @@ def test_s2_sigterm_hands_over_at_once(make_lab: MakeLab) -> None:
     for i in range(3):
         lab.spawn(f"n{i}")
     leader = lab.settle()
-    time.sleep(0.3)
+    worked(leader)
     with lab.fault("SIGTERM the leader") as f:
         leader.send(15)
     handover = min(slack(1.0), EXPIRY_FLOOR)
@@ -84,7 +84,7 @@ def test_s5_pause_shorter_than_the_margin_keeps_the_same_term(make_lab: MakeLab)
     leader = lab.wait_leader()
     lab.spawn("b")
     lab.settle()
-    time.sleep(0.5)
+    worked(leader)
     token = leader.current_term()["token"]  # type: ignore[index]
     quiet_from = time.monotonic()
     with lab.fault("SIGSTOP the leader for 0.3 x TTL"):
@@ -108,8 +108,7 @@ def test_s6_s7_pause_longer_than_ttl_loses_leadership_before_any_stale_write(
     old = lab.spawn("old", stall=2 * TTL, stall_mode="gil")
     lab.wait_leader()
     lab.spawn("new")
-    lab.settle()
-    time.sleep(0.5)
+    worked(lab.settle())
     with lab.fault(how) as f:
         if how == "sigstop":
             old.pause()
