@@ -234,9 +234,10 @@ def test_s11_packets_from_etcd_dropped_is_a_half_open_link_too(make_lab: MakeLab
 
 
 def test_s20_latency_below_the_renew_interval_causes_no_churn(make_lab: MakeLab) -> None:
-    lab = make_lab()
-    a, _b = two(lab, call_timeout=1.0)
     renew_interval = TTL / 3
+    lab = make_lab()
+    # a round trip (half a renew interval) must fit in a call, whatever the TTL
+    a, _b = two(lab, call_timeout=max(1.0, renew_interval))
     with lab.fault("latency 0.25 x renew interval each way, +-0.05 s, for 5 s") as f:
         for c in ("a", "b"):
             lab.link(c).latency(0.25 * renew_interval, jitter=0.05)
