@@ -82,7 +82,19 @@ _PORT_RETRIES = 3
 # A cluster's followers need ~1 s to stop; its leader, terminated with them, would try for 5 s to
 # hand leadership to one of them before giving up: past this it gets SIGKILL (its data is safe).
 _CLUSTER_TERM_GRACE = 1.5
-_FAST_RAFT = ("--heartbeat-interval=10", "--election-timeout=100")
+# Raft timings of test servers: fast, yet steady on a loaded machine. etcd's tuning guide wants
+# the heartbeat near the round trip between members and the election timeout >= 10 heartbeats;
+# on loopback the "round trip" that matters is a scheduling gap: with 10/100 ms any 100 ms stall
+# of a raft leader (a busy 2-core CI) makes the followers elect a new one, which refreshes every
+# lease and fails require-leader streams. 25/250 ms rides out such stalls, still fails over in
+# well under a second, and keeps etcd's minimum lease TTL (1.5 election timeouts, rounded up
+# to whole seconds) at 1 s.
+RAFT_HEARTBEAT_MS = 25
+RAFT_ELECTION_MS = 250
+#: the election timeout in seconds (what bounds on etcd leader changes are built from)
+ELECTION_TIMEOUT = RAFT_ELECTION_MS / 1000
+_FAST_RAFT = (f"--heartbeat-interval={RAFT_HEARTBEAT_MS}",
+              f"--election-timeout={RAFT_ELECTION_MS}")
 
 
 class EtcdNotFound(RuntimeError):
@@ -512,7 +524,7 @@ class LocalEtcd(_StartStop):
         finally:
             etcd.stop()
 
-    Fast raft timings (``--heartbeat-interval 10 --election-timeout 100``), random free
+    Fast raft timings (``--heartbeat-interval 25 --election-timeout 250``), random free
     client/peer ports unless given, and a temp data dir that :meth:`stop` removes (a
     ``data_dir`` given by the caller is kept). etcd's output goes to a log file (in the temp dir,
     or ``log_path``), never to the terminal; etcd runs in its own session so Ctrl-C in the

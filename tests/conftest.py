@@ -1,4 +1,13 @@
-"""Shared fixtures: real etcd servers (electfsm.embedded.LocalEtcd) and per-test election names."""
+"""Shared fixtures: real etcd servers (electfsm.embedded.LocalEtcd) and per-test election names.
+
+Timing: every scheduling allowance in the tests (how late a hook may run after its deadline,
+the tolerance above a TTL for a failover, how long a test waits for something) is multiplied
+by ``ELECTFSM_TEST_SLACK`` (float, default 1; see tests/scenario_kit.py). A loaded CI runner
+sets e.g. ``ELECTFSM_TEST_SLACK=3``; the bounds' physics (TTL, margin, etcd's election
+timeout) is not scaled. The test etcd servers use 25/250 ms raft heartbeat/election timeout
+(electfsm.embedded.RAFT_HEARTBEAT_MS): steady through 150 ms stalls of their raft leader,
+where 10/100 ms elected a new raft leader after most of them.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +20,21 @@ from typing import Any
 
 import pytest
 from cli_kit import Proc
+from scenario_kit import SLACK, SLACK_ENV, TTL
 
 from electfsm.chaos import Lab
-from electfsm.embedded import LocalEtcd, find_etcdctl_binary
+from electfsm.embedded import (
+    RAFT_ELECTION_MS,
+    RAFT_HEARTBEAT_MS,
+    LocalEtcd,
+    find_etcdctl_binary,
+)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return (f"electfsm: {SLACK_ENV}={SLACK:g} (timing allowances x{SLACK:g}, scenario TTL "
+            f"{TTL} s); test etcd raft heartbeat {RAFT_HEARTBEAT_MS} ms, election timeout "
+            f"{RAFT_ELECTION_MS} ms")
 
 
 @pytest.fixture(scope="session")
@@ -55,13 +76,15 @@ def election(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def make_lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Lab]]:
     """``make_lab(endpoints=None, **Lab kwargs)``: a started fault-injection lab
-    (:class:`electfsm.chaos.Lab`) on the given endpoints, else on the session's etcd."""
+    (:class:`electfsm.chaos.Lab`) on the given endpoints, else on the session's etcd; its
+    candidates' TTL is ``scenario_kit.TTL`` unless given."""
     labs: list[Lab] = []
 
     def make(endpoints: list[str] | None = None, **kwargs: Any) -> Lab:
         if endpoints is None:
             endpoints = [request.getfixturevalue("etcd").endpoint]
         name = f"sc/{request.node.name}-{len(labs)}".replace("[", "_").replace("]", "_")
+        kwargs.setdefault("ttl", TTL)
         lab = Lab(tmp_path / f"lab{len(labs)}", endpoints=endpoints, name=name, **kwargs)
         labs.append(lab)
         return lab.start()
