@@ -37,7 +37,7 @@ TABLE: tuple[Row, ...] = (
     Row(("disconnected",), "session_up", "candidate", "a fresh lease; campaign for it"),
     Row(("candidate",), "leader_seen", "follower", "another candidate leads"),
     Row(("candidate", "follower"), "elected", "leader",
-        "one read confirmed our key exists, holds our lease and is first"),
+        "etcd showed our key first at a revision (event stream or read)"),
     Row(("follower",), "leader_seen", "follower", "the leader changed", internal=True),
     Row(("follower",), "leader_gone", "candidate", "nobody leads right now"),
     Row(("leader",), "deposed", "candidate", "our key vanished or is not first; campaign again"),
