@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test diagrams handover cli-handover timeline bench bench-aio chaos clean
+.PHONY: demo test diagrams handover cli-handover timeline bench bench-aio bench-shards chaos clean
 
 # Fault tests use libfaketime (clock skew) and nftables (packet loss) from Debian when they can
 # be installed (as root, with apt); without them those tests are skipped and say why.
@@ -51,6 +51,10 @@ bench: $(STAMP)
 # electfsm.aio: event-loop lag with 100 AsyncElectors, handover through the facade.
 bench-aio: $(STAMP)
 	$(PY) bench/aio.py
+
+# 1,000 elections on one Session: etcd load, CPU, threads, memory, SIGKILL failover.
+bench-shards: $(STAMP)
+	$(PY) bench/shards.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""Many elections in one process (leadership per shard): N electors sharing one connection,
+"""Many elections in one process (leadership per shard): N electors sharing one connection
+(and with ``--session`` one lease),
 after they settle: threads, resident memory and CPU over an idle window, and etcd's request
 rate. Run in a fresh process per measurement; ``--electors 0`` is the baseline."""
 
@@ -12,7 +13,7 @@ import time
 
 from common import delta, requests
 
-from electfsm import Elector
+from electfsm import Elector, Session
 from electfsm.etcd import EtcdClient
 
 
@@ -37,11 +38,18 @@ def main() -> None:
     p.add_argument("--ttl", type=int, default=10)
     p.add_argument("--idle", type=float, default=10.0)
     p.add_argument("--prefix", default="bench/idle")
+    p.add_argument("--session", action="store_true",
+                   help="all electors on one Session (one lease) instead of one lease each")
     a = p.parse_args()
     client = EtcdClient.connect([a.endpoint])
     client.status()
-    electors = [Elector(client=client, election=f"{a.prefix}/shard-{i}", identity="node",
-                        ttl=a.ttl) for i in range(a.electors)]
+    session = Session(client=client, ttl=a.ttl) if a.session else None
+    if session is not None:
+        electors = [Elector(session=session, election=f"{a.prefix}/shard-{i}",
+                            identity="node") for i in range(a.electors)]
+    else:
+        electors = [Elector(client=client, election=f"{a.prefix}/shard-{i}", identity="node",
+                            ttl=a.ttl) for i in range(a.electors)]
     for e in electors:
         e.start()
     for e in electors:
@@ -54,6 +62,8 @@ def main() -> None:
               "cpu_share": (cpu1 - cpu0) / (t1 - t0),
               "etcd_msgs_per_s": {k: v / (t1 - t0)
                                   for k, v in delta(after_req, before_req).items()}}
+    if session is not None:
+        session.stop()
     for e in electors:
         e.stop()
     client.close()

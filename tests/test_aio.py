@@ -16,7 +16,8 @@ from electfsm.aio import AsyncElector
 from electfsm.embedded import LocalEtcd
 from electfsm.etcd import EtcdClient, prefix_end
 
-pytestmark = pytest.mark.anyio
+# A hung trio run would not be interrupted by a signal: the thread method ends the run.
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90, method="thread")]
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -131,14 +132,16 @@ async def test_the_body_is_cancelled_at_the_deadline_while_etcd_is_paused(
 async def test_an_error_in_the_body_propagates_and_resigns(etcd: LocalEtcd,
                                                            election: str) -> None:
     async with AsyncElector(endpoints=[etcd.endpoint], election=election, identity="node-a",
-                            ttl=2) as a, AsyncElector(
-            endpoints=[etcd.endpoint], election=election, identity="node-b", ttl=2) as b:
-        with pytest.raises(ValueError, match="boom"):
-            async with a.leadership():
-                await until(lambda: b.state == "follower")
-                raise ValueError("boom")
-        await until(lambda: b.state == "leader")
-        assert a.state in ("candidate", "follower")
+                            ttl=2) as a:
+        assert await a.wait_for("leader", timeout=10)  # a leads before b runs
+        async with AsyncElector(endpoints=[etcd.endpoint], election=election,
+                                identity="node-b", ttl=2) as b:
+            with pytest.raises(ValueError, match="boom"):
+                async with a.leadership():
+                    await until(lambda: b.state == "follower")
+                    raise ValueError("boom")
+            await until(lambda: b.state == "leader")
+            assert a.state in ("candidate", "follower")
 
 
 async def test_run_while_leader_reports_a_failing_work_and_campaigns_again(
