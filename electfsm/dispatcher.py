@@ -117,6 +117,8 @@ class Dispatcher:
         self._reason = ""
         self._elected_revision = 0
         self._begun = False  # whether the current term was alive when it entered leader
+        #: key incarnations (create revisions) of this session whose term ended: never again
+        self._spent: set[int] = set()
         #: The non-``Exception`` a hook raised (or our own failure): the machine stops on it.
         self.fatal: BaseException | None = None
         self._model = _Model()
@@ -207,6 +209,7 @@ class Dispatcher:
             log.warning("%s: session_up while %s; ignored", self.election, self.state)
             return
         self.generation, self.lease, self.ttl = event.generation, event.lease, event.ttl
+        self._spent = set()
         self._fire("session_up", f"lease {event.lease:x} granted, ttl {event.ttl}s")
         self._follow_observed()
 
@@ -224,6 +227,12 @@ class Dispatcher:
                      self.election, event.revision, self.observed_revision,
                      seen.identity if seen else "nobody")
             self.effects.recampaign(self.generation)
+            return
+        if event.create_revision in self._spent:
+            # That incarnation of our key led a term that ended (resigned, deposed): it is
+            # being deleted, and the next term needs the key campaigned anew.
+            log.info("%s: key %s at revision %d already led a term; not again", self.election,
+                     event.key, event.create_revision)
             return
         generation = self.generation
         late = self.clock() - self.effects.deadline(generation)
@@ -370,6 +379,7 @@ class Dispatcher:
     def _exit(self, source: State, change: Change) -> None:
         if source == "leader" and self.term is not None:
             term, self.term = self.term, None
+            self._spent.add(term.token)
             term.ended_by = change.trigger
             term.cancelled.set()
             begun, self._begun = self._begun, False

@@ -450,3 +450,21 @@ def test_a_new_lease_on_the_leaders_key_is_a_leader_change(h: Harness) -> None:
     h.inject(LeaderSeen(leader=moved, revision=h.next_revision()))
     assert changes == [(0, 0xB), (0xB, 0xC)]
     assert h.leader is not None and h.leader.lease == 0xC
+
+
+def test_the_key_of_a_resigned_term_never_leads_again(h: Harness) -> None:
+    """After resign our old key is still first until the campaign deletes it: a view of it
+    (the stream) or a late read must not start a second term on the same token."""
+    entered: list[int] = []
+    h.on_enter_leader(lambda term: entered.append(term.token))
+    up = h.connect()
+    first = h.elect()
+    h.inject(Resign())
+    old = LeaderInfo(identity="node-a", key=first.key, create_revision=first.create_revision,
+                     lease=up.lease, value=b"node-a")
+    h.inject(LeaderSeen(leader=old, revision=h.next_revision()))
+    h.inject(Elected(generation=up.generation, key=first.key,
+                     create_revision=first.create_revision, revision=h.next_revision()))
+    assert h.state != "leader" and entered == [first.create_revision]
+    h.elect()  # a new incarnation leads
+    assert h.state == "leader" and len(entered) == 2 and entered[1] > entered[0]

@@ -58,6 +58,7 @@ class ElectorMachine(RuleBasedStateMachine):
         self.entered: dict[int, int] = {}  # id(term) -> on_enter_leader runs (first hook)
         self.exited: dict[int, int] = {}
         self.terms: dict[int, Term] = {}
+        self.tokens: list[int] = []  # of each term entered, in order
         self.valid_elected: bool | None = None
         self.revision = 1000
         for name in HOOKS:
@@ -93,6 +94,9 @@ class ElectorMachine(RuleBasedStateMachine):
             if id(term) not in self.entered:
                 self.entered[id(term)] = 1
                 self.terms[id(term)] = term
+                if self.tokens and term.token <= self.tokens[-1]:
+                    self.violations.append(f"token {term.token} after {self.tokens[-1]}")
+                self.tokens.append(term.token)
         elif name == "exit_leader":
             term = args[0]
             if id(term) not in self.entered:
@@ -159,14 +163,16 @@ class ElectorMachine(RuleBasedStateMachine):
         self.h.inject(LeaderSeen(leader=leader, revision=revision))
         self._after()
 
-    @rule()
-    def we_are_seen_first(self) -> None:
+    @rule(old_incarnation=st.booleans())
+    def we_are_seen_first(self, old_incarnation: bool) -> None:
         d = self.h.dispatcher
         key = d.our_key
         if key is None:
             return
         revision = self._next_revision()
         token = d.term.token if d.term is not None else revision
+        if old_incarnation and self.tokens:  # the key of an ended term, not yet deleted
+            token = self.tokens[-1]
         self.h.inject(LeaderSeen(leader=LeaderInfo(identity="node-a", key=key,
                                                    create_revision=token, lease=d.lease,
                                                    value=b"node-a"), revision=revision))
