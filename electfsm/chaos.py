@@ -486,11 +486,16 @@ class Lab:
     def finish(self, *, bounded: bool = True, heals: Sequence[tuple[float, float]] = (),
                quiet: Sequence[tuple[float, float]] = (),
                stepdowns: Sequence[tuple[float, float]] = (),
-               leaks: bool = True) -> checker.Report:
+               leaks: bool = True, settled: tuple[float, float] | None = None,
+               expect: Sequence[str] = ()) -> checker.Report:
         """Stop every live candidate cleanly (SIGTERM), then check every property.
 
         With ``leaks``: once all stopped, no candidate key and none of their leases may be
-        left in etcd (L5)."""
+        left in etcd (L5). ``settled = (t, bound)``: the last fault healed at ``t``, so
+        from then until now every live candidate must know etcd's leader within ``bound``
+        (L2). ``expect`` names the properties this run exercises: each fails if it checked
+        nothing (``n/a``). The etcd recorder must catch up with etcd (property H)."""
+        self.note("finishing")
         self.terminate_all(timeout=10)
         for link in self.links.values():
             link.pass_through()
@@ -500,14 +505,16 @@ class Lab:
         leases: list[int] | None = None
         if leaks:
             keys, leases = self._leftovers(history)
-        self.recorder.sync(5)
+        caught_up = self.recorder.sync(10)
         resource = [w.to_json() for w in self.resource.writes]
         etcd = self.recorder.history(self.election)
         final = self._final_set()
         self.report = checker.check(
             history, resource=resource, etcd=etcd, guarded_set=self.guarded_set,
             final_set=final, bounded=bounded, heals=heals, quiet=quiet, stepdowns=stepdowns,
-            leftover_keys=keys, leftover_leases=leases)
+            leftover_keys=keys, leftover_leases=leases, settled=settled,
+            etcd_caught_up=caught_up)
+        self.report.require(*expect)
         (self.dir / "report.md").write_text(self.report.markdown() + "\n")
         self._finished = True
         return self.report

@@ -536,13 +536,22 @@ class EtcdRecorder:
         return True
 
     def sync(self, timeout: float = 5.0) -> bool:
-        """Wait until everything etcd has now is recorded."""
-        try:
-            rev = int(self._client.range(self.prefix, prefix_end(self.prefix),
-                                         limit=1, keys_only=True).header.revision)
-        except EtcdError:
-            return False
-        return self.wait_until(rev, timeout)
+        """Wait until everything etcd has now is recorded; False if it was not in
+        ``timeout``. It writes a marker key under the prefix (``<prefix>.recorded``) and
+        waits for its event: the watch delivers in revision order, so once the marker is
+        recorded so is every earlier change (a range's header revision would not do: writes
+        outside the prefix raise it, and the watch says nothing about those)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                resp = self._client.put(self.prefix + b".recorded", str(time.time()).encode())
+                rev = int(resp.header.revision)
+                break
+            except EtcdError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.1)
+        return self.wait_until(rev, max(0.1, deadline - time.monotonic()))
 
     def stop(self) -> None:
         self._stop.set()
