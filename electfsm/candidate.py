@@ -87,6 +87,14 @@ PASSWORD_ENV = "ELECTFSM_CANDIDATE_PASSWORD"
 SIG_PAUSE_BEFORE_WRITE = signal.SIGRTMIN + 1  # a GC pause between the check and the write
 SIG_PAUSE_IN_TXN = signal.SIGRTMIN + 2  # a GC pause inside fenced_txn, after its check
 SIG_STALE_CONTROL = signal.SIGRTMIN + 3  # guarded resign + proclaim with the latest term
+SIG_CLOCK_SLOW = signal.SIGRTMIN + 4  # the elector's clock runs at SLOW_RATE from now on
+SIG_CLOCK_FAST = signal.SIGRTMIN + 5  # ... at FAST_RATE
+SIG_CLOCK_TRUE = signal.SIGRTMIN + 6  # ... at the real rate again
+SIG_SLOW_HOOK = signal.SIGRTMIN + 7  # the next hook sleeps --stall seconds (GIL released)
+SIG_HOOK_EXIT = signal.SIGRTMIN + 8  # the next hook raises SystemExit
+#: Clock-rate skews a harness can ask for: 8 % slow is inside what the default margin of
+#: a 2 s TTL absorbs (1 - 0.25/2 = 0.875); fast only steps down earlier.
+SLOW_RATE, FAST_RATE = 0.92, 1.25
 
 #: Deliberately broken behaviours, one per property, for the lab's mutation check (see
 #: ``MUTATIONS``). Only ``--break`` (a hidden option of this test process) turns one on; the
@@ -166,15 +174,26 @@ class ScaledClock:
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
-        self.origin = time.monotonic()
+        self._lock = threading.Lock()
+        self._real0 = self._local0 = time.monotonic()
 
     def __call__(self) -> float:
-        return self.origin + (time.monotonic() - self.origin) * self.rate
+        with self._lock:
+            return self._local0 + (time.monotonic() - self._real0) * self.rate
+
+    def set_rate(self, rate: float) -> None:
+        """Run at ``rate`` from now on (the clock stays continuous)."""
+        with self._lock:
+            now = time.monotonic()
+            self._local0 += (now - self._real0) * self.rate
+            self._real0, self.rate = now, rate
 
     def real(self, local: float) -> float:
+        """When this clock will read ``local``, on the real clock (at the current rate)."""
         if local in (float("inf"), float("-inf")):
             return local
-        return self.origin + (local - self.origin) / self.rate
+        with self._lock:
+            return self._real0 + (local - self._local0) / self.rate
 
 
 class Candidate:
@@ -193,11 +212,12 @@ class Candidate:
                                auth=auth)
         rate = 0.5 if self.mutation == "P5" else args.clock_rate
         self.clock = ScaledClock(rate)
-        if rate != 1.0:
-            # Every deadline of this elector is measured on the scaled clock: the session's
-            # safe_until and the terms' validity (the dispatcher's clock).
-            self.elector._session._clock = self.clock
-            self.elector._dispatcher.clock = self.clock
+        # Every deadline of this elector is measured on this clock: the session's safe_until
+        # and the terms' validity (the dispatcher's clock). At rate 1 it is the real one.
+        self.elector._session._clock = self.clock
+        self.elector._dispatcher.clock = self.clock
+        self._relog = False  # the monitor logs the deadline again (the clock rate changed)
+        self._hook_fault: str | None = None  # "slow" | "exit": the next hook's fault
         self.inc = f"{args.identity}#{os.getpid()}"
         self.fenced = FencedClient(args.fenced, timeout=0.5) if args.fenced else None
         self._raw: EtcdClient | None = None
@@ -268,6 +288,16 @@ class Candidate:
                 self._depth += 1
                 depth = self._depth
             try:
+                fault, self._hook_fault = self._hook_fault, None
+                if fault == "slow":  # the dispatcher is kept busy; other threads run
+                    self.log.write("stall", phase="begin", where=f"hook {name}",
+                                   seconds=self.args.stall, mode="sleep")
+                    time.sleep(self.args.stall)
+                    self.log.write("stall", phase="end", where=f"hook {name}")
+                elif fault == "exit":
+                    self.log.write("hook_raised", hook=name, error="SystemExit",
+                                   state=self.elector.state)
+                    raise SystemExit(3)
                 fields = fn(*args)
                 if fields:
                     kind = fields.pop("kind")
@@ -475,6 +505,10 @@ class Candidate:
                 if d > deadline and d != float("inf"):
                     deadline = d
                     self.log.write("renew", token=self._token(term), deadline=self.real(d))
+            if self._relog and term is not None:
+                self._relog = False
+                self.log.write("renew", token=self._token(term),
+                               deadline=self.real(term.deadline))
             valid = term is not None and term.valid
             if was_valid and not valid:
                 self.log.write("invalid", token=token, state=self.elector.state)
@@ -511,6 +545,17 @@ class Candidate:
             self.log.write("stall_ignored", state=self.elector.state, where=where)
             return
         self._pause = (term.token, where)
+
+    def set_clock_rate(self, rate: float) -> None:
+        """The elector's clock runs at ``rate`` from now on (a clock-rate skew)."""
+        self.clock.set_rate(rate)
+        self._relog = True
+        self.log.write("clock", rate=rate)
+
+    def arm_hook_fault(self, fault: str) -> None:
+        """The next hook (whichever runs next) sleeps (``slow``) or raises SystemExit."""
+        self._hook_fault = fault
+        self.log.write("hook_fault_armed", fault=fault, state=self.elector.state)
 
     def _raw_client(self) -> EtcdClient:
         if self._raw is None:
@@ -672,6 +717,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # for a lock the interrupted main thread holds (the event log's).
     wake, control, stall = threading.Event(), threading.Event(), threading.Event()
     pause_write, pause_txn, stale = threading.Event(), threading.Event(), threading.Event()
+    # one flag per requested fault; the main thread runs each fault's action
+    actions: dict[threading.Event, Callable[[], None]] = {
+        flag_event: action for flag_event, action in (
+            (threading.Event(), lambda: candidate.set_clock_rate(SLOW_RATE)),
+            (threading.Event(), lambda: candidate.set_clock_rate(FAST_RATE)),
+            (threading.Event(), lambda: candidate.set_clock_rate(1.0)),
+            (threading.Event(), lambda: candidate.arm_hook_fault("slow")),
+            (threading.Event(), lambda: candidate.arm_hook_fault("exit")))}
 
     def flag(event: threading.Event) -> Callable[..., None]:
         def handler(*_: object) -> None:
@@ -686,6 +739,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(SIG_PAUSE_BEFORE_WRITE, flag(pause_write))
     signal.signal(SIG_PAUSE_IN_TXN, flag(pause_txn))
     signal.signal(SIG_STALE_CONTROL, flag(stale))
+    for sig, event in zip((SIG_CLOCK_SLOW, SIG_CLOCK_FAST, SIG_CLOCK_TRUE, SIG_SLOW_HOOK,
+                           SIG_HOOK_EXIT), actions, strict=True):
+        signal.signal(sig, flag(event))
     candidate.start()
     next_check = 0.0
     while not done.is_set():
@@ -706,6 +762,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if stale.is_set():
                 stale.clear()
                 candidate.stale_control()
+            for event, action in actions.items():
+                if event.is_set():
+                    event.clear()
+                    action()
         if args.harness_pid and time.monotonic() >= next_check:
             next_check = time.monotonic() + 0.5
             if not _alive(args.harness_pid):  # orphaned: never outlive the harness
@@ -889,6 +949,20 @@ class CandidateProcess:
         """A guarded resign and proclaim with the candidate's last term, sent now (ignored,
         and logged, while that term still leads)."""
         self.send(SIG_STALE_CONTROL)
+
+    def skew_clock(self, how: str) -> None:
+        """The elector's clock runs ``slow`` (SLOW_RATE), ``fast`` (FAST_RATE) or ``true``
+        from now on."""
+        self.send({"slow": SIG_CLOCK_SLOW, "fast": SIG_CLOCK_FAST,
+                   "true": SIG_CLOCK_TRUE}[how])
+
+    def slow_hook(self) -> None:
+        """The next hook sleeps ``stall`` seconds: the dispatcher is busy, the others run."""
+        self.send(SIG_SLOW_HOOK)
+
+    def hook_exit(self) -> None:
+        """The next hook raises SystemExit."""
+        self.send(SIG_HOOK_EXIT)
 
     def terminate(self, timeout: float = 10.0) -> int | None:
         """SIGCONT + SIGTERM, wait for a clean stop (SIGKILL after ``timeout``)."""

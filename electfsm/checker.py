@@ -214,6 +214,8 @@ class TermSpan:
     death_at: float = INF
     ended_by: str | None = None
     elected_revision: int | None = None
+    #: the deadline the term had when on_enter_leader began
+    enter_deadline: float | None = None
     acts: list[dict[str, Any]] = attrs.field(factory=list)
 
     @property
@@ -251,6 +253,7 @@ def terms_of(history: Sequence[dict[str, Any]]) -> list[TermSpan]:
                             deadline=real_time(ev, float(ev.get("deadline", -INF))),
                             death_at=deaths.get(inc, INF),
                             elected_revision=elected_rev.pop(inc, None))
+            span.enter_deadline = span.deadline if "deadline" in ev else None
             open_terms[inc] = span
             spans.append(span)
         elif span is not None and ev.get("token") == span.token:
@@ -703,9 +706,14 @@ def p3_no_lost_guarded_updates(history: Sequence[dict[str, Any]], etcd: EtcdHist
 
 
 def p4_no_work_after_deadline(spans: Sequence[TermSpan]) -> Result:
-    """No leader action began after its term's deadline, exit hook, or loss of validity."""
+    """No leader hook and no leader action began after its term's deadline, exit hook, or
+    loss of validity."""
     r = Result("P4", "no leader work after the local deadline")
     for s in spans:
+        r.checked += 1
+        if s.enter_deadline is not None and s.start > s.enter_deadline:
+            r.fail(f"{s.inc}@{s.token}: on_enter_leader ran at {s.start:.3f}, "
+                   f"{s.start - s.enter_deadline:.3f}s after the term's deadline")
         for act in s.acts:
             r.checked += 1
             began = real_time(act, float(act["start"])) if "start" in act else t_of(act)
@@ -1007,7 +1015,13 @@ def l5_no_leaks(history: Sequence[dict[str, Any]], *, keys: Sequence[str] | None
             if ev.get("leftover"):
                 r.fail(f"{ev['inc']} left threads running after stop(): {ev['leftover']}")
         elif ev.get("kind") == "stats":
-            n = len(ev.get("electfsm_threads", []))
+            names = list(ev.get("electfsm_threads", []))
+            if (any(x.startswith("electfsm-session[") for x in names)
+                    and not any(x.startswith("electfsm-dispatch[") for x in names)):
+                r.checked += 1
+                r.fail(f"{ev['inc']}'s dispatcher is gone while its session still renews the "
+                       f"lease: {names}")
+            n = len(names)
             if n > max_threads:
                 r.checked += 1
                 r.fail(f"{ev['inc']} ran {n} electfsm threads: {ev['electfsm_threads']}")

@@ -443,3 +443,19 @@ def test_l2_flags_a_candidate_whose_view_lags_etcds_leader() -> None:
 def test_an_etcd_history_that_did_not_catch_up_fails_the_run() -> None:
     assert "had not caught up" in fails(run(clean(), etcd_caught_up=False), "H")
     assert run(clean(), etcd_caught_up=True)["H"].status == "pass"
+
+
+def test_p4_flags_a_leader_hook_begun_after_the_terms_deadline() -> None:
+    def f(w: dict[str, Any]) -> None:  # an elected applied late, behind a slow hook
+        find(w, B, "enter_leader")["deadline"] = 4.2
+    assert "on_enter_leader ran at 4.350" in fails(run(mutate(f)), "P4")
+
+
+def test_l5_flags_a_dispatcher_gone_while_the_session_renews() -> None:
+    def f(w: dict[str, Any]) -> None:
+        w["history"].append(ev(A, "stats", 3.0, threads=5, state="leader",
+                               electfsm_threads=["electfsm-session[e]"]))
+    assert "dispatcher is gone" in fails(run(mutate(f)), "L5")
+    assert run(mutate(lambda w: w["history"].append(
+        ev(A, "stats", 3.0, threads=5, state="leader",
+           electfsm_threads=["electfsm-dispatch[e]", "electfsm-session[e]"]))))["L5"].ok
