@@ -37,7 +37,23 @@ Linux, so the logs of several processes merge by it), ``wall``, ``pid``, ``ident
 - ``control``: on SIGUSR1 the candidate resigns and tries a guarded proclaim
   (``If(create_revision(key) == token) Then Put(key)``) with its latest term, stale or not;
 - ``stall``: on SIGUSR2 the leader's work callback stalls ``--stall`` seconds, either
-  sleeping (other threads run) or holding the GIL (a stop-the-world pause, like a GC).
+  sleeping (other threads run) or holding the GIL (a stop-the-world pause, like a GC);
+- stale attempts: on ``SIG_PAUSE_BEFORE_WRITE`` the leader's next fenced write stalls after
+  its ``term.valid`` check and is then sent (``sent``, ``stale_attempt=True``); on
+  ``SIG_PAUSE_IN_TXN`` the next guarded append stalls inside ``Elector.fenced_txn``, after
+  its check, before the transaction leaves; on ``SIG_STALE_CONTROL`` the candidate sends a
+  guarded resign and proclaim with its last term (``control`` with ``start``: when the
+  request left), whatever its elector now thinks;
+- ``view``: what ``Elector.leader`` says (``leader``, ``leader_token``) each time it changes;
+- ``clock``: the elector's clocks (session deadline and term validity run on one
+  :class:`ScaledClock`, ``--clock-rate``) change rate on ``SIG_CLOCK_SLOW`` /
+  ``SIG_CLOCK_FAST`` / ``SIG_CLOCK_TRUE``; deadlines are always logged on the real clock;
+- ``hook_raised`` / a ``stall`` in a hook: on ``SIG_HOOK_EXIT`` the next hook raises
+  SystemExit, on ``SIG_SLOW_HOOK`` it sleeps ``--stall`` seconds (the dispatcher is busy).
+
+``transition`` into leader carries ``revision``, the revision that confirmed the election
+(a field, not parsed from the reason). ``--break NAME`` (hidden) turns on one deliberately
+broken behaviour of :data:`MUTATIONS`, for the lab's mutation check only.
 
 Every hook line carries ``hook``, ``thread`` and ``depth`` (hooks running at once in this
 process, 1 unless two ran concurrently). Lines are flushed one by one, so SIGKILL loses at
@@ -62,10 +78,11 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import grpc
 from etcd3 import etcdrpc
 
 from electfsm import ops
@@ -73,7 +90,7 @@ from electfsm.campaign import compare_create
 from electfsm.dispatcher import Change
 from electfsm.elector import Elector
 from electfsm.errors import EtcdError, NotLeaderError
-from electfsm.etcd import EtcdClient
+from electfsm.etcd import EtcdClient, prefix_end
 from electfsm.events import Event, LeaderInfo, LeaderSeen
 from electfsm.fenced import FencedClient
 from electfsm.security import Auth
@@ -227,7 +244,6 @@ class Candidate:
         self._depth_lock = threading.Lock()
         self.last_term: Term | None = None
         self._first_token: int | None = None
-        self._seen_token = 0  # the newest leader's token this process heard of
         self._stall_token: int | None = None  # the term a requested stall belongs to
         self._pause: tuple[int, str] | None = None  # (token, "write" | "txn"): a GC pause
         self._paused_in_txn = False
@@ -236,6 +252,9 @@ class Candidate:
         self._monitor = threading.Thread(target=self._watch_term, daemon=True,
                                          name="candidate-monitor")
         self._wrap_txn()
+        self._side: list[grpc.Channel] = []  # mutation L4's second connection
+        if self.mutation == "L4":  # a lost lease is not revoked (and see _keep_lost_lease)
+            self.elector._session._revoke = False
         if self.mutation == "L2":
             self._deafen()
         self._register()
@@ -331,9 +350,11 @@ class Candidate:
                                   "reason": change.reason}
         if change.trigger == "elected":
             # the revision of the read or event that confirmed our key first (P6)
-            revision = int(self.elector._dispatcher._elected_revision)
-            if self.mutation == "P6" and self.elector.term is not None:
-                revision = self.elector.term.token - 1
+            dispatcher = self.elector._dispatcher
+            revision = int(dispatcher._elected_revision)
+            pending = dispatcher._pending
+            if self.mutation == "P6" and pending is not None:
+                revision = pending.token - 1
             fields["revision"] = revision
         return fields
 
@@ -368,6 +389,8 @@ class Candidate:
                            valid=term.valid)
         if self.mutation == "L3":
             threading.Timer(1.5, self._churn, args=(term,)).start()
+        if self.mutation == "L4" and not self._side:
+            self._open_side_channel()
         return fields
 
     def _churn(self, term: Term) -> None:
@@ -375,29 +398,38 @@ class Candidate:
             self.elector.resign(timeout=2.0)
 
     def _exit_leader(self, term: Term) -> dict[str, Any]:
-        if self.mutation == "L4" and term.ended_by == "session_lost":
+        if self.mutation == "L4" and term.ended_by == "session_lost" and self._side:
             threading.Thread(target=self._keep_lost_lease, args=(term.lease,), daemon=True,
                              name="candidate-stale-keepalive").start()
         return {"kind": "exit_leader", "token": self._token(term), "key": term.key,
                 "lease": term.lease, "ended_by": term.ended_by}
 
+    def _open_side_channel(self) -> None:
+        """Mutation L4: a second connection, made while the link is healthy (a connection
+        made through a half-open link never completes its handshake)."""
+        channel = grpc.insecure_channel(self.elector.config.hosts[0])
+        with contextlib.suppress(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(channel).result(timeout=2)
+            self._side.append(channel)
+            return
+        channel.close()
+
     def _keep_lost_lease(self, lease: int) -> None:
-        """Mutation L4: renew a lease the session gave up (through the same link)."""
-        client = EtcdClient(list(self.elector.config.hosts), timeout=0.5,
-                            auth=self._raw_auth)
+        """Mutation L4: renew a lease the session gave up, for 3 x TTL, on the side
+        connection (on a half-open link the requests still land; nobody reads answers)."""
         end = time.monotonic() + 3 * self.args.ttl
-        try:
+
+        def requests() -> Iterator[Any]:
             while time.monotonic() < end and not self._stopping.is_set():
-                with contextlib.suppress(EtcdError):
-                    client.keepalive(lease)
+                yield etcdrpc.LeaseKeepAliveRequest(ID=lease)
                 time.sleep(0.2)
-        finally:
-            client.close()
+
+        call = etcdrpc.LeaseStub(self._side[0]).LeaseKeepAlive(requests())
+        self._stopping.wait(3 * self.args.ttl)
+        call.cancel()
 
     def _leader_change(self, old: LeaderInfo | None, new: LeaderInfo | None
                        ) -> dict[str, Any]:
-        if new is not None:
-            self._seen_token = max(self._seen_token, new.create_revision)
         return {"kind": "leader_change", "old": old.identity if old else None,
                 "new": new.identity if new else None,
                 "new_token": new.create_revision if new else None}
@@ -412,6 +444,14 @@ class Candidate:
         with self._depth_lock:
             self._n += 1
             return self._n
+
+    def _leading_token(self) -> int:
+        """Mutation P2: the token of whoever leads now, read from etcd."""
+        prefix = (self.args.election + "/").encode()
+        with contextlib.suppress(EtcdError):
+            resp = self._raw_client().range(prefix, prefix_end(prefix))
+            return min((int(kv.create_revision) for kv in resp.kvs), default=0)
+        return 0
 
     def _gc_pause(self, token: int, where: str) -> None:
         self.log.write("stall", phase="begin", where=where, token=token,
@@ -453,7 +493,7 @@ class Candidate:
             self._gc_pause(term.token, "write")
             stale_attempt = True
             if self.mutation == "P2":
-                token = max(token, self._seen_token)
+                token = max(token, self._leading_token())
         fields: dict[str, Any] = {"token": token, "n": n, "start": start, "deadline": deadline,
                                   "sent": time.monotonic(), "stale_attempt": stale_attempt}
         try:
