@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) -m electfsm.demo
 
 test: $(STAMP)
-	$(PY) -m ruff check electfsm tests bench
+	$(PY) -m ruff check electfsm tests bench examples
 	$(PY) -m mypy electfsm
 	$(PY) -m pytest -q
 

@@ -24,6 +24,7 @@ from electfsm.errors import (
     ConfigError,
     ElectfsmError,
     ElectorStopped,
+    ElectorThreadError,
     EtcdError,
     EtcdUnavailable,
     HookError,
@@ -32,7 +33,6 @@ from electfsm.errors import (
     PermissionDenied,
 )
 from electfsm.events import (
-    Deposed,
     Elected,
     ErrorReported,
     LeaderInfo,
@@ -50,11 +50,11 @@ __all__ = [
     "TABLE",
     "Change",
     "ConfigError",
-    "Deposed",
     "Elected",
     "ElectfsmError",
     "Elector",
     "ElectorStopped",
+    "ElectorThreadError",
     "ErrorReported",
     "EtcdError",
     "EtcdUnavailable",

@@ -143,8 +143,12 @@ class Campaign:
             except LeaseNotFound:
                 return  # session-watch sees the loss too and starts a new session
             except _KeyGone:
+                # Paced like any other failure: a key that keeps vanishing (or one squatted
+                # under our name by another lease) must not spin on etcd. A command cuts the
+                # pause short; the backoff resets once a campaign step completes.
                 with self._cond:
                     self._want = True
+                    self._cond.wait(backoff.next())
             except Exception as exc:  # EtcdError, or a bug below us: never end the thread
                 if self._cancelled:
                     return

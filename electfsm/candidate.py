@@ -18,7 +18,7 @@ or from a test, through :class:`CandidateProcess`::
 
 Why a process: SIGSTOP, SIGKILL, ``faketime`` and cgroups then apply to one candidate only.
 
-Each line of the log is one JSON object with ``mono`` (``time.monotonic()``, system-wide on
+Each line of the log is one JSON object with ``mono`` (``clock.now()``, system-wide on
 Linux, so the logs of several processes merge by it), ``wall``, ``pid``, ``identity``,
 ``inc`` (this incarnation: ``identity#pid``) and ``kind``:
 
@@ -85,7 +85,7 @@ from typing import IO, Any
 import grpc
 from etcd3 import etcdrpc
 
-from electfsm import ops
+from electfsm import clock, ops
 from electfsm.campaign import compare_create
 from electfsm.dispatcher import Change
 from electfsm.elector import Elector
@@ -94,6 +94,7 @@ from electfsm.etcd import EtcdClient, prefix_end
 from electfsm.events import Event, LeaderInfo, LeaderSeen
 from electfsm.fenced import FencedClient
 from electfsm.security import Auth
+from electfsm.session import SessionWatch
 from electfsm.term import Term
 
 __all__ = ["CandidateProcess", "EventLog", "event_time", "faketime_problem", "read_events"]
@@ -151,7 +152,7 @@ class EventLog:
         self._lock = threading.Lock()
 
     def write(self, kind: str, **fields: Any) -> dict[str, Any]:
-        record = {"mono": time.monotonic(), "wall": time.time(), **self._fixed, "kind": kind,
+        record = {"mono": clock.now(), "wall": time.time(), **self._fixed, "kind": kind,
                   **fields}
         line = json.dumps(record, default=str)
         with self._lock:
@@ -185,23 +186,23 @@ def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 class ScaledClock:
-    """A monotonic clock running ``rate`` times as fast as the real one (from now on): the
-    clock-rate skew of one process, without ``faketime``. ``real(local)`` maps an instant of
-    this clock back onto the real monotonic clock."""
+    """A clock running ``rate`` times as fast as the package clock (:func:`clock.now`) from
+    now on: the clock-rate skew of one process, without ``faketime``. ``real(local)`` maps
+    an instant of this clock back onto the package clock (what the logs use)."""
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
         self._lock = threading.Lock()
-        self._real0 = self._local0 = time.monotonic()
+        self._real0 = self._local0 = clock.now()
 
     def __call__(self) -> float:
         with self._lock:
-            return self._local0 + (time.monotonic() - self._real0) * self.rate
+            return self._local0 + (clock.now() - self._real0) * self.rate
 
     def set_rate(self, rate: float) -> None:
         """Run at ``rate`` from now on (the clock stays continuous)."""
         with self._lock:
-            now = time.monotonic()
+            now = clock.now()
             self._local0 += (now - self._real0) * self.rate
             self._real0, self.rate = now, rate
 
@@ -230,9 +231,11 @@ class Candidate:
         rate = 0.5 if self.mutation == "P5" else args.clock_rate
         self.clock = ScaledClock(rate)
         # Every deadline of this elector is measured on this clock: the session's safe_until
-        # and the terms' validity (the dispatcher's clock). At rate 1 it is the real one.
-        self.elector._session._clock = self.clock
-        self.elector._dispatcher.clock = self.clock
+        # (and the watchdog that fires it) and the terms' validity (the dispatcher's clock).
+        # At rate 1 it is the package clock itself.
+        e = self.elector
+        e._session = SessionWatch(e._client, e.config, e._queue.put, clock=self.clock)
+        e._dispatcher.clock = self.clock
         self._relog = False  # the monitor logs the deadline again (the clock rate changed)
         self._hook_fault: str | None = None  # "slow" | "exit": the next hook's fault
         self.inc = f"{args.identity}#{os.getpid()}"
@@ -302,7 +305,7 @@ class Candidate:
     # ------------------------------------------------------------------ hooks
     def _hook(self, name: str, fn: Callable[..., dict[str, Any]]) -> Callable[..., None]:
         def run(*args: Any) -> None:
-            mono, wall = time.monotonic(), time.time()  # the hook's start, not its end
+            mono, wall = clock.now(), time.time()  # the hook's start, not its end
             with self._depth_lock:
                 self._depth += 1
                 depth = self._depth
@@ -417,10 +420,10 @@ class Candidate:
     def _keep_lost_lease(self, lease: int) -> None:
         """Mutation L4: renew a lease the session gave up, for 3 x TTL, on the side
         connection (on a half-open link the requests still land; nobody reads answers)."""
-        end = time.monotonic() + 3 * self.args.ttl
+        end = clock.now() + 3 * self.args.ttl
 
         def requests() -> Iterator[Any]:
-            while time.monotonic() < end and not self._stopping.is_set():
+            while clock.now() < end and not self._stopping.is_set():
                 yield etcdrpc.LeaseKeepAliveRequest(ID=lease)
                 time.sleep(0.2)
 
@@ -483,7 +486,7 @@ class Candidate:
         assert self.fenced is not None
         if not term.valid and self.mutation != "P4":
             return
-        start, deadline = time.monotonic(), self.real(term.deadline)
+        start, deadline = clock.now(), self.real(term.deadline)
         token = self._token(term)
         stale_attempt = False
         pause = self._pause
@@ -495,7 +498,7 @@ class Candidate:
             if self.mutation == "P2":
                 token = max(token, self._leading_token())
         fields: dict[str, Any] = {"token": token, "n": n, "start": start, "deadline": deadline,
-                                  "sent": time.monotonic(), "stale_attempt": stale_attempt}
+                                  "sent": clock.now(), "stale_attempt": stale_attempt}
         try:
             ok = self.fenced.write(token=token, identity=self.args.identity,
                                    payload={"inc": self.inc, "n": n})
@@ -509,7 +512,7 @@ class Candidate:
             return
         key = f"{self.args.guarded_set}/{self.inc}-{n}"
         value = json.dumps({"token": term.token, "inc": self.inc, "n": n})
-        start, deadline = time.monotonic(), self.real(term.deadline)
+        start, deadline = clock.now(), self.real(term.deadline)
         fields: dict[str, Any] = {"token": self._token(term), "n": n, "key": key,
                                   "start": start, "deadline": deadline}
         self._paused_in_txn = False
@@ -537,7 +540,7 @@ class Candidate:
         view: tuple[str | None, int | None] | None = None
         while not self._stopping.wait(self.args.monitor_interval):
             term = self.elector.term
-            now = time.monotonic()
+            now = clock.now()
             if term is not None:
                 if term.token != token:
                     token, deadline, was_valid = term.token, float("-inf"), True
@@ -616,7 +619,7 @@ class Candidate:
                 guard, lease = [], 0
             req = etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(
                 key=key, value=self.args.identity.encode(), lease=lease))
-        start = time.monotonic()
+        start = clock.now()
         try:
             resp = self._raw_client().txn(guard, [req], what=f"stale {op}")
             result = "applied" if resp.succeeded else "rejected"
@@ -635,7 +638,7 @@ class Candidate:
         self.log.write("control", op="resign", token=token, state=state,
                        current=current is not None and current is term,
                        valid=bool(current is not None and current.valid),
-                       start=time.monotonic())
+                       start=clock.now())
         self.elector.resign(timeout=2.0)
         self.log.write("control_done", op="resign", token=token, state=self.elector.state)
         if term is None:
@@ -687,14 +690,14 @@ def _electfsm_threads() -> list[str]:
 def _stall(seconds: float, mode: str) -> None:
     """Stall the calling thread: ``sleep`` (the GIL is released: other threads go on) or
     ``gil`` (busy, never letting another Python thread run: a stop-the-world pause)."""
-    end = time.monotonic() + seconds
+    end = clock.now() + seconds
     if mode == "sleep":
         time.sleep(seconds)
         return
     old = sys.getswitchinterval()
     sys.setswitchinterval(seconds + 5.0)
     try:
-        while time.monotonic() < end:
+        while clock.now() < end:
             pass
     finally:
         sys.setswitchinterval(old)
@@ -806,8 +809,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if event.is_set():
                     event.clear()
                     action()
-        if args.harness_pid and time.monotonic() >= next_check:
-            next_check = time.monotonic() + 0.5
+        if args.harness_pid and clock.now() >= next_check:
+            next_check = clock.now() + 0.5
             if not _alive(args.harness_pid):  # orphaned: never outlive the harness
                 log.write("orphaned", harness_pid=args.harness_pid)
                 break
@@ -914,7 +917,7 @@ class CandidateProcess:
         assert self.proc is not None and self.proc.stdout is not None
         with open(self.log_path, "a", buffering=1, encoding="utf-8") as out:
             for raw in self.proc.stdout:
-                now = time.monotonic()
+                now = clock.now()
                 try:
                     record = json.loads(raw)
                 except ValueError:
@@ -952,7 +955,7 @@ class CandidateProcess:
         if not self.alive:
             return
         assert self.proc is not None
-        self.killed_at = time.monotonic()
+        self.killed_at = clock.now()
         self._note("killed")
         self.send(signal.SIGKILL)
         self.proc.wait()
@@ -1045,12 +1048,12 @@ class CandidateProcess:
                  *, after: float | None = None) -> dict[str, Any] | None:
         """The first logged event (at ``mono`` >= ``after``) for which ``predicate`` holds,
         polling the log until ``timeout``; None if none came."""
-        deadline = time.monotonic() + timeout
+        deadline = clock.now() + timeout
         while True:
             for ev in self.events():
                 if (after is None or event_time(ev) >= after) and predicate(ev):
                     return ev
-            if time.monotonic() >= deadline:
+            if clock.now() >= deadline:
                 return None
             time.sleep(0.02)
 

@@ -50,7 +50,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from electfsm import checker
+from electfsm import checker, clock
 from electfsm.candidate import CandidateProcess, EventLog, event_time
 from electfsm.embedded import LocalEtcd, find_etcd_binary, free_port
 from electfsm.errors import EtcdError
@@ -344,10 +344,10 @@ class Lab:
         for c in self.candidates:
             c.send(signal.SIGCONT)
             c.send(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
+        deadline = clock.now() + timeout
         for c in self.candidates:
             with contextlib.suppress(Exception):
-                c.terminate(timeout=max(0.1, deadline - time.monotonic()))
+                c.terminate(timeout=max(0.1, deadline - clock.now()))
 
     def close(self) -> None:
         """Stop every candidate (SIGKILL if it does not stop), proxy, recorder, resource."""
@@ -400,7 +400,7 @@ class Lab:
     def wait_etcd(self, predicate: Callable[[dict[str, Any]], bool], timeout: float
                   ) -> dict[str, Any] | None:
         """The first recorded etcd event for which ``predicate`` holds (polls)."""
-        deadline = time.monotonic() + timeout
+        deadline = clock.now() + timeout
         seen = 0
         while True:
             records = self.recorder.records
@@ -408,7 +408,7 @@ class Lab:
                 if rec.get("kind") == "etcd_event" and predicate(rec):
                     return rec
             seen = len(records)
-            if time.monotonic() > deadline:
+            if clock.now() > deadline:
                 return None
             time.sleep(0.005)
 
@@ -429,7 +429,7 @@ class Lab:
                     after: float | None = None) -> CandidateProcess:
         """The first live candidate (not in ``exclude``) that leads, with a term begun at or
         after ``after``; raises AssertionError on timeout."""
-        deadline = time.monotonic() + timeout
+        deadline = clock.now() + timeout
         while True:
             for c in self.live():
                 if c in exclude:
@@ -437,7 +437,7 @@ class Lab:
                 term = c.current_term()
                 if term is not None and (after is None or event_time(term) >= after):
                     return c
-            if time.monotonic() > deadline:
+            if clock.now() > deadline:
                 states = {c.identity: c.state for c in self.candidates}
                 raise AssertionError(f"no leader within {timeout}s: {states}")
             time.sleep(0.02)
@@ -445,7 +445,7 @@ class Lab:
     def settle(self, timeout: float = 10.0) -> CandidateProcess:
         """Wait until exactly one live candidate leads, every other follows, and each has
         its candidate key in etcd (its campaign transaction went through)."""
-        deadline = time.monotonic() + timeout
+        deadline = clock.now() + timeout
         while True:
             live = self.live()
             leaders = [c for c in live if c.current_term() is not None]
@@ -457,7 +457,7 @@ class Lab:
                     keyed = set()
                 if {c.identity for c in live} <= keyed:
                     return leaders[0]
-            if time.monotonic() > deadline:
+            if clock.now() > deadline:
                 states = {c.identity: c.state for c in live}
                 raise AssertionError(f"not settled within {timeout}s: {states}")
             time.sleep(0.02)
@@ -524,7 +524,7 @@ class Lab:
         a lost revoke left behind: those expire within the TTL)."""
         prefix = (self.election + "/").encode()
         known = leases_in(history)
-        deadline = time.monotonic() + self.ttl + 3.0
+        deadline = clock.now() + self.ttl + 3.0
         keys: list[str] = []
         leases: list[int] = []
         while True:
@@ -534,7 +534,7 @@ class Lab:
                 leases = alive_leases(self.client, sorted(known))
             except EtcdError:
                 pass
-            if (not keys and not leases) or time.monotonic() > deadline:
+            if (not keys and not leases) or clock.now() > deadline:
                 return keys, leases
             time.sleep(0.1)
 
@@ -801,8 +801,8 @@ class PartitionableCluster:
         return None
 
     def wait_for_leader(self, timeout: float = 10.0, exclude: Sequence[int] = ()) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        deadline = clock.now() + timeout
+        while clock.now() < deadline:
             i = self.leader_index()
             if i is not None and i not in exclude:
                 return i
@@ -959,7 +959,7 @@ class _Runner:
                 self.spawn(name)
 
     def run(self, fault: dict[str, Any], started: float) -> None:
-        wait = started + float(fault["at"]) - time.monotonic()
+        wait = started + float(fault["at"]) - clock.now()
         if wait > 0:
             time.sleep(wait)
         kind, d = fault["kind"], float(fault["duration"])
@@ -1050,7 +1050,7 @@ class _Runner:
         elif kind == "steady":
             time.sleep(d)
         elif kind in ("pause_write", "pause_txn"):
-            since = time.monotonic()
+            since = clock.now()
             if kind == "pause_write":
                 target.pause_before_write()
             else:
@@ -1091,7 +1091,7 @@ class _Runner:
             target.resume()
             return
         target.resume()
-        since = time.monotonic()
+        since = clock.now()
         target.stale_control()
         target.wait_for(lambda ev: ev["kind"] == "control" and ev.get("op") == "proclaim",
                         10 * slack(), after=since - 0.05)
@@ -1127,13 +1127,13 @@ class _Runner:
         for c in others:
             c.pause()
         try:
-            deadline = time.monotonic() + (self.ttl + 6) * slack()
-            while time.monotonic() < deadline:
+            deadline = clock.now() + (self.ttl + 6) * slack()
+            while clock.now() < deadline:
                 with contextlib.suppress(EtcdError):
                     if {kv["value"] for kv in self.lab.candidate_keys()} <= {leader.identity}:
                         break
                 time.sleep(0.1)
-            since = time.monotonic()
+            since = clock.now()
             leader.resign()
             for _ in range(3):
                 with contextlib.suppress(EtcdError):
@@ -1180,7 +1180,7 @@ def run_chaos(*, seed: int, seconds: float, candidates: int = 5,
             f.write(json.dumps(fault) + "\n")
     if dry_run:
         return checker.Report(results=[], metrics={"seed": seed, "faults": len(schedule)})
-    wall = time.monotonic()
+    wall = clock.now()
     with PartitionableCluster() as cluster:
         lab = Lab(outdir / "lab", endpoints=cluster.endpoints, name=f"chaos-{seed}", ttl=ttl)
         lab.start()
@@ -1189,7 +1189,7 @@ def run_chaos(*, seed: int, seconds: float, candidates: int = 5,
             for name in runner.names:
                 runner.spawn(name)
             lab.settle(timeout=20)
-            started = time.monotonic()
+            started = clock.now()
             for fault in schedule:
                 runner.run(fault, started)
             lab.note("healed")
@@ -1200,7 +1200,7 @@ def run_chaos(*, seed: int, seconds: float, candidates: int = 5,
                 if m.pid is None:
                     runner._start_member(m)
             runner._restart_dead()
-            end = time.monotonic()
+            end = clock.now()
             heals = [*runner.heals, (end, ttl + 2.5 * slack())]
             try:
                 lab.wait_leader(timeout=ttl + 5 * slack())
@@ -1224,7 +1224,7 @@ def run_chaos(*, seed: int, seconds: float, candidates: int = 5,
         "seed": seed, "seconds": seconds, "candidates": candidates, "ttl": ttl,
         "faults": runner.injected, "faults_skipped": runner.skipped,
         "faults_by_kind": dict(sorted(runner.by_kind.items())),
-        "wall_seconds": round(time.monotonic() - wall, 1),
+        "wall_seconds": round(clock.now() - wall, 1),
         "violations": len(report.violations),
         "unexercised": {name: [k for k in EXERCISED_BY.get(name, ()) if k not in runner.by_kind]
                         for name in report.unexercised},

@@ -43,6 +43,7 @@ from typing import Any
 import attrs
 from etcd3.etcdrpc import kv_pb2
 
+from electfsm import clock
 from electfsm.campaign import is_candidate_key
 from electfsm.errors import EtcdError, WatchCompacted
 from electfsm.etcd import EtcdClient, prefix_end
@@ -460,7 +461,7 @@ class EtcdRecorder:
         self._thread = threading.Thread(target=self._run, daemon=True, name="etcd-recorder")
 
     def _emit(self, rec: dict[str, Any]) -> None:
-        rec.setdefault("mono", time.monotonic())
+        rec.setdefault("mono", clock.now())
         with self._lock:
             self.records.append(rec)
             if self._out is not None:
@@ -531,9 +532,9 @@ class EtcdRecorder:
 
     def wait_until(self, revision: int, timeout: float = 5.0) -> bool:
         """Wait until events up to ``revision`` were recorded."""
-        deadline = time.monotonic() + timeout
+        deadline = clock.now() + timeout
         while self.revision < revision:
-            if time.monotonic() > deadline:
+            if clock.now() > deadline:
                 return False
             time.sleep(0.02)
         return True
@@ -544,17 +545,17 @@ class EtcdRecorder:
         waits for its event: the watch delivers in revision order, so once the marker is
         recorded so is every earlier change (a range's header revision would not do: writes
         outside the prefix raise it, and the watch says nothing about those)."""
-        deadline = time.monotonic() + timeout
+        deadline = clock.now() + timeout
         while True:
             try:
                 resp = self._client.put(self.prefix + b".recorded", str(time.time()).encode())
                 rev = int(resp.header.revision)
                 break
             except EtcdError:
-                if time.monotonic() > deadline:
+                if clock.now() > deadline:
                     return False
                 time.sleep(0.1)
-        return self.wait_until(rev, max(0.1, deadline - time.monotonic()))
+        return self.wait_until(rev, max(0.1, deadline - clock.now()))
 
     def stop(self) -> None:
         self._stop.set()

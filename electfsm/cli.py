@@ -25,6 +25,16 @@ deadline, ``--margin`` seconds before etcd could expire the lease; ``--grace`` d
 that margin, so even a child that ignores SIGTERM is killed before anyone else can be elected.
 A longer ``--grace`` needs a longer ``--margin`` (and TTL) to keep that promise.
 
+The command never outlives electfsm: it is started by a small guard process
+(:mod:`electfsm.supervisor`) that stays between the two. If electfsm dies without stopping it
+(``kill -9``, the OOM killer, a crash), the guard sees electfsm's end of their socket close and
+sends the command's process group SIGTERM at once, SIGKILL ``--grace`` seconds later, before
+etcd could expire the lease (with ``--grace`` under the margin, as by default); the command's
+own children go with it as long as they stay in its process group (a child that calls
+``setsid``/``setpgid`` leaves it, and is on its own). This works on any POSIX system; on Linux
+the guard also asks for ``PR_SET_PDEATHSIG``. A *frozen* electfsm (SIGSTOP) is not dead: its
+command runs on until electfsm resumes.
+
 Connections: ``--endpoints`` (default ``$ELECTFSM_ENDPOINTS``, else ``$ETCDCTL_ENDPOINTS``, else
 ``127.0.0.1:2379``), ``--cacert``, ``--cert``, ``--key`` (TLS) and ``--user NAME`` (the password
 comes from ``$ELECTFSM_PASSWORD`` or an interactive prompt, never from the command line), the
@@ -62,7 +72,6 @@ import os
 import queue
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -73,6 +82,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import attrs
 
+from electfsm import clock
 from electfsm.config import (
     MAX_TTL,
     ElectorConfig,
@@ -88,6 +98,7 @@ from electfsm.errors import (
     PermissionDenied,
 )
 from electfsm.security import TLS, Auth
+from electfsm.supervisor import Child
 
 if TYPE_CHECKING:
     from electfsm.elector import Elector
@@ -258,6 +269,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             "ELECTFSM_IDENTITY, ELECTFSM_LEASE and ELECTFSM_ENDPOINTS in its environment;\n"
             "send its process group SIGTERM the moment leadership is lost or electfsm is\n"
             "stopped, SIGKILL after --grace seconds; then campaign again (--once: exit).\n"
+            "If electfsm itself is killed (kill -9, OOM), a guard process does the same\n"
+            "at once: COMMAND never outlives electfsm's lease.\n"
             "If COMMAND exits on its own while we lead, resign and exit with its code.",
             epilog=EXIT_CODES,
             usage="%(prog)s [options] ELECTION IDENTITY [-- COMMAND [ARG ...]]")
@@ -495,55 +508,6 @@ def _exit_code_of(returncode: int) -> int:
 
 
 # ------------------------------------------------------------------------------ campaign
-class _Child:
-    """The command of one term: started in its own process group, stopped as a group."""
-
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str]) -> None:
-        self.proc = subprocess.Popen(list(argv), env=dict(env), start_new_session=True)
-        self.pid = self.proc.pid
-        self.exited = threading.Event()
-        threading.Thread(target=self._reap, daemon=True, name=f"electfsm-child[{self.pid}]"
-                         ).start()
-
-    def _reap(self) -> None:
-        self.proc.wait()
-        self.exited.set()
-
-    def signal_group(self, sig: int) -> bool:
-        """Signal every process of the group; False when none is left."""
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # a member changed its uid; the rest got it
-            return True
-        return True
-
-    def group_alive(self) -> bool:
-        """Is any process of the group still running (zombies do not count)?"""
-        return self.signal_group(0) and _running_in_group(self.pid)
-
-    def stop(self, grace: float) -> None:
-        """SIGTERM the group; SIGKILL it after ``grace`` seconds unless everyone is gone."""
-        deadline = time.monotonic() + grace
-        log.info("sending SIGTERM to the command (process group %d)", self.pid)
-        self.signal_group(signal.SIGTERM)
-        self.exited.wait(grace)
-        while self.group_alive() and time.monotonic() < deadline:
-            time.sleep(0.01)  # what is left of the group: children of the command
-        if not self.exited.is_set() or self.group_alive():
-            log.warning("the command (process group %d) did not exit within %gs of SIGTERM; "
-                        "sending SIGKILL", self.pid, grace)
-            self.signal_group(signal.SIGKILL)
-        self.exited.wait()
-
-    def stragglers(self, grace: float) -> None:
-        """After the command exited on its own: end what it left behind in its group."""
-        if self.group_alive():
-            log.info("the command exited; stopping what it left in process group %d", self.pid)
-            self.stop(grace)
-
-
 class _CampaignRun:
     """One ``electfsm campaign``: the elector, its hooks, the command of each term."""
 
@@ -564,7 +528,7 @@ class _CampaignRun:
         self.connected = False
         self.settled = False                # has been follower or leader at least once
         self.last_error = ""
-        self.child: _Child | None = None
+        self.child: Child | None = None
         self.child_wake: threading.Event | None = None
         try:
             self.elector: Elector = Elector(election=args.election, identity=args.identity,
@@ -646,41 +610,59 @@ class _CampaignRun:
             with self.lock:
                 if self.closed or not term.valid:
                     return
-                try:
-                    child = _Child(self.command, self._env(term))
-                except OSError as exc:
-                    self.closed = self.leaving = True
-                    log.error("cannot start %s: %s", self.command[0], exc.strerror or exc)
-                    self._finish(EXIT_ERROR)
-                    return
-                wake = threading.Event()
-                self.child, self.child_wake = child, wake
-            log.info("%s: started %s (pid %d) for term %d", term.election,
-                     " ".join(self.command), child.pid, term.token)
-            threading.Thread(target=_relay, args=(child.exited, wake), daemon=True).start()
-            threading.Thread(target=_relay, args=(term.cancelled, wake), daemon=True).start()
-            wake.wait()
-            with self.lock:
-                on_its_own = child.exited.is_set()
-                leaving = self.leaving
-            if on_its_own:
-                code = _exit_code_of(child.proc.returncode)
-                log.info("%s: the command exited with code %d; resigning", term.election, code)
+            # Not under self.lock: starting the guard is an interpreter start, and the hooks
+            # (the dispatcher thread) take that lock.
+            try:
+                child = Child(self.command, self._env(term), self.grace)
+            except OSError as exc:
                 with self.lock:
                     self.closed = self.leaving = True
-                child.stragglers(self.grace)
-                self._finish(code)
-            else:
-                if not leaving:
-                    log.warning("%s: leadership lost: stopping the command (pid %d)",
-                                term.election, child.pid)
-                child.stop(self.grace)
-                if self.args.once:
-                    self._finish(EXIT_OK if leaving else EXIT_ERROR)
+                log.error("cannot start %s: %s", self.command[0], exc.strerror or exc)
+                self._finish(EXIT_ERROR)
+                return
+            wake = threading.Event()
             with self.lock:
-                self.child = self.child_wake = None
-                if self.args.once:
-                    self.closed = True  # no second term
+                self.child, self.child_wake = child, wake
+                if self.closed:  # stop_command() came while it was starting
+                    wake.set()
+            try:
+                self._supervise(term, child, wake)
+            finally:
+                child.close()
+                with self.lock:
+                    self.child = self.child_wake = None
+                    if self.args.once:
+                        self.closed = True  # no second term
+
+    def _supervise(self, term: Term, child: Child, wake: threading.Event) -> None:
+        """Until the term or the command ends; then the command's group is gone."""
+        log.info("%s: started %s (pid %d) for term %d", term.election,
+                 " ".join(self.command or ()), child.pid, term.token)
+        threading.Thread(target=_relay, args=(child.exited, wake), daemon=True).start()
+        threading.Thread(target=_relay, args=(term.cancelled, wake), daemon=True).start()
+        wake.wait()
+        with self.lock:
+            on_its_own = child.exited.is_set()
+            leaving = self.leaving
+        if on_its_own:
+            if child.returncode is None:
+                code = EXIT_ERROR
+                log.error("%s: the command's guard process died and the command with it; "
+                          "resigning", term.election)
+            else:
+                code = _exit_code_of(child.returncode)
+                log.info("%s: the command exited with code %d; resigning", term.election, code)
+            with self.lock:
+                self.closed = self.leaving = True
+            child.stragglers(self.grace)
+            self._finish(code)
+        else:
+            if not leaving:
+                log.warning("%s: leadership lost: stopping the command (pid %d)",
+                            term.election, child.pid)
+            child.stop(self.grace)
+            if self.args.once:
+                self._finish(EXIT_OK if leaving else EXIT_ERROR)
 
     def _finish(self, code: int) -> None:
         with self.lock:
@@ -713,7 +695,7 @@ class _CampaignRun:
                 e.stop(timeout=2 * self.conn.call_timeout + 2)
 
     def _wait(self, signals: _Signals) -> int:
-        deadline = time.monotonic() + self.conn.connect_timeout
+        deadline = clock.now() + self.conn.connect_timeout
         while True:
             self.wake.clear()
             if signals.received is not None:
@@ -723,7 +705,7 @@ class _CampaignRun:
             if self.result is not None:
                 return self.result
             if not self.connected:
-                left = deadline - time.monotonic()
+                left = deadline - clock.now()
                 if left <= 0:
                     raise CliError(f"etcd at {','.join(self.conn.endpoints)} gave no usable answer "
                                    f"within {self.conn.connect_timeout:g}s (--connect-timeout)"
@@ -732,27 +714,6 @@ class _CampaignRun:
                 self.wake.wait(left)
             else:
                 self.wake.wait()
-
-
-def _running_in_group(pgid: int) -> bool:
-    """False when every process of group ``pgid`` is a zombie (orphans of the command wait
-    for init to reap them, and still count for ``killpg``). True where /proc cannot tell."""
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return True
-    for name in entries:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()  # state, ppid, pgrp, ...
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
 
 
 def _relay(source: threading.Event, target: threading.Event) -> None:
@@ -782,13 +743,13 @@ def _check_command(command: Sequence[str]) -> None:
 # ------------------------------------------------------------------------------ reading
 def _retrying(conn: Connection, what: str, call: Callable[[], Any]) -> Any:
     """``call()`` until it succeeds; :class:`CliError` (exit 4) after the connect timeout."""
-    deadline = time.monotonic() + conn.connect_timeout
+    deadline = clock.now() + conn.connect_timeout
     delay = 0.05
     while True:
         try:
             return call()
         except EtcdUnavailable as exc:
-            left = deadline - time.monotonic()
+            left = deadline - clock.now()
             if left <= 0:
                 raise CliError(f"{what}: etcd at {','.join(conn.endpoints)} gave no usable answer "
                                f"within {conn.connect_timeout:g}s (--connect-timeout): {exc}",
@@ -905,12 +866,12 @@ def cmd_observe(args: argparse.Namespace) -> int:
     with _Signals(lambda: events.put(stop)):
         observer.start()
         try:
-            deadline = time.monotonic() + conn.connect_timeout
+            deadline = clock.now() + conn.connect_timeout
             while True:
                 try:
                     event = events.get(timeout=0.5)
                 except queue.Empty:
-                    if not seen_any and time.monotonic() >= deadline:
+                    if not seen_any and clock.now() >= deadline:
                         raise CliError(f"etcd at {','.join(conn.endpoints)} gave no usable answer "
                                        f"within {conn.connect_timeout:g}s (--connect-timeout)"
                                        f"{': ' + last_error if last_error else ''}",

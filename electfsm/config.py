@@ -34,7 +34,8 @@ def safe_until(sent_at: float, ttl: int, margin: float) -> float:
 
     etcd sets the expiry to (when it processed the keepalive) + TTL, never earlier than the
     send time + TTL; stepping down ``margin`` before that is safe without trusting any clock
-    but our own monotonic one.
+    but our own (:func:`electfsm.clock.now`, which keeps counting while the host is
+    suspended, as etcd's lease does).
     """
     return sent_at + ttl - margin
 
@@ -171,11 +172,6 @@ class ElectorConfig:
 
     def margin_for(self, granted_ttl: int) -> float:
         """The step-down margin for the TTL etcd actually granted."""
-        if self.secure and self.tls is None:
-            object.__setattr__(self, "tls", TLS())
-        if self.tls is not None and any(parse_endpoint(e)[1] is False for e in self.endpoints):
-            raise ConfigError("tls is set but the endpoints say http://; use https:// or "
-                              "plain host:port")
         if self.margin is not None:
             return min(self.margin, granted_ttl / 2)
         return default_margin(granted_ttl)

@@ -12,12 +12,13 @@ import threading
 import time
 from collections.abc import Sequence
 
+from electfsm import clock
 from electfsm.dispatcher import Change
 from electfsm.elector import Elector
 from electfsm.embedded import LocalEtcd
 from electfsm.term import Term
 
-T0 = time.monotonic()
+T0 = clock.now()
 
 
 _SAY = threading.Lock()
@@ -26,7 +27,7 @@ _SAY = threading.Lock()
 def say(text: str) -> None:
     """One line, whole: hooks of three electors print from three dispatcher threads."""
     with _SAY:
-        sys.stdout.write(f"[{time.monotonic() - T0:7.3f}s] {text}\n")
+        sys.stdout.write(f"[{clock.now() - T0:7.3f}s] {text}\n")
         sys.stdout.flush()
 
 
@@ -49,8 +50,8 @@ def watch(elector: Elector) -> None:
 
 
 def leader_of(electors: Sequence[Elector], timeout: float = 15) -> Elector:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    deadline = clock.now() + timeout
+    while clock.now() < deadline:
         leaders = [e for e in electors if e.state == "leader"]
         if len(leaders) == 1:
             return leaders[0]
@@ -78,18 +79,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{[e.leader.identity if e.leader else None for e in electors]}")
             say(f"== crashing {first.identity}: it stops renewing its {args.ttl}s lease "
                 "without resigning")
-            crashed = time.monotonic()
+            crashed = clock.now()
             first.stop(revoke=False)
             rest = [e for e in electors if e is not first]
             second = leader_of(rest, timeout=args.ttl + 5)
-            say(f"== failover: {second.identity} leads {time.monotonic() - crashed:.2f}s after "
+            say(f"== failover: {second.identity} leads {clock.now() - crashed:.2f}s after "
                 f"the crash (ttl {args.ttl}s)")
             time.sleep(0.3)
             say(f"== {second.identity} resigns")
-            resigned = time.monotonic()
+            resigned = clock.now()
             second.resign()
             third = leader_of([e for e in rest if e is not second])
-            say(f"== handover: {third.identity} leads {1000 * (time.monotonic() - resigned):.1f}"
+            say(f"== handover: {third.identity} leads {1000 * (clock.now() - resigned):.1f}"
                 " ms after the resign")
             time.sleep(0.3)
         except KeyboardInterrupt:

@@ -16,7 +16,6 @@ import attrs
 
 from electfsm.errors import HookError
 from electfsm.events import (
-    Deposed,
     Elected,
     ErrorReported,
     Event,
@@ -28,7 +27,7 @@ from electfsm.events import (
     Stop,
 )
 from electfsm.hooks import Hooks
-from electfsm.machine import STATES, State, build_machine
+from electfsm.machine import STATES, State, build_machine, internal, legal
 from electfsm.term import Term
 
 log = logging.getLogger("electfsm")
@@ -95,12 +94,14 @@ class Dispatcher:
         self._pending: Term | None = None
         self._reason = ""
         self._elected_revision = 0
+        self._begun = False  # whether the current term was alive when it entered leader
+        #: The non-``Exception`` a hook raised (or our own failure): the machine stops on it.
+        self.fatal: BaseException | None = None
         self._model = _Model()
         self._machine = build_machine(self._model)
         for state in STATES:
             st = self._machine.get_state(state)
             st.add_callback("enter", self._on_enter)
-            st.add_callback("exit", self._on_exit)
 
     # ------------------------------------------------------------------ views
     @property
@@ -116,21 +117,44 @@ class Dispatcher:
     @property
     def leader(self) -> LeaderInfo | None:
         """Who leads as far as this node can tell; never an unconfirmed "us"."""
-        state = self.state
-        if state == "leader" and self.term is not None:
-            return self.term.info
+        # One read of each field: other threads call this while the dispatcher changes them.
+        state, term, observed, our_key = self.state, self.term, self.observed, self.our_key
+        if state == "leader" and term is not None:
+            # A term past its deadline is over even before session_lost is applied.
+            return term.info if term.valid and self.fatal is None else None
         if state == "disconnected":
             return None
-        if self.observed is not None and self.observed.key == self.our_key:
+        if observed is not None and (observed.key == our_key or state == "leader"):
             return None
-        return self.observed
+        return observed
 
     # ------------------------------------------------------------------ events
     def apply(self, event: Event) -> None:
-        """Apply one event. Never raises for a hook's error; drops stale and late events."""
+        """Apply one event. Never raises for a hook's error; drops stale and late events.
+
+        A hook that raises something other than an :class:`Exception` (``SystemExit``,
+        ``KeyboardInterrupt``, ...) stops the machine once this event is applied, as
+        :meth:`Elector.stop` would: leadership ends, the lease is revoked, the threads end.
+        """
         if self.stopped:
             log.debug("%s: stopped, dropping %r", self.election, event)
             return
+        self._apply(event)
+        if self.fatal is not None and not self.stopped:
+            self.abort(self.fatal)
+            self._announce_leader()
+
+    def abort(self, error: BaseException) -> None:
+        """Stop the machine because ``error`` makes going on unsafe; release everything."""
+        if self.stopped:
+            return
+        self.fatal = self.fatal or error
+        log.error("%s: stopping the elector and releasing its lease: %s", self.election, error)
+        self._fire("stop", f"stopped: {error}")
+        self.stopped = True
+        self.effects.shutdown()
+
+    def _apply(self, event: Event) -> None:
         if isinstance(event, SessionUp):
             self._session_up(event)
         elif isinstance(event, SessionLost):
@@ -140,11 +164,8 @@ class Dispatcher:
             self._elected(event)
         elif isinstance(event, LeaderSeen):
             self._leader_seen(event)
-        elif isinstance(event, Deposed):
-            if self._current(event.generation, event) and self.state == "leader":
-                self._depose(event.reason)
         elif isinstance(event, Resign):
-            self._resign()
+            self._resign(event.token)
         elif isinstance(event, Stop):
             self._fire("stop", "stop() called")
             self.stopped = True
@@ -183,6 +204,14 @@ class Dispatcher:
             self.effects.recampaign(self.generation)
             return
         generation = self.generation
+        late = self.clock() - self.effects.deadline(generation)
+        if late >= 0:
+            # The confirmation waited in the queue (behind a slow hook, say) past the session's
+            # deadline: etcd may have expired our key since, so it proves nothing any more.
+            log.warning("%s: elected at revision %d, but the session's deadline passed %.3fs "
+                        "ago; not leading a term that is already over", self.election,
+                        event.revision, late)
+            return
         self._pending = Term(
             election=self.election, identity=self.identity, value=self.value, key=event.key,
             token=event.create_revision, lease=self.lease, generation=generation,
@@ -223,9 +252,13 @@ class Dispatcher:
             self.effects.recampaign(generation)
         self._follow_observed()
 
-    def _resign(self) -> None:
+    def _resign(self, token: int | None) -> None:
         if self.state != "leader" or self.term is None or self.generation is None:
             log.info("%s: resign() while %s: nothing to resign", self.election, self.state)
+            return
+        if token is not None and token != self.term.token:
+            log.info("%s: resign() was meant for the term with token %d, not this one (%d); "
+                     "ignored", self.election, token, self.term.token)
             return
         key, token, generation = self.term.key, self.term.token, self.generation
         self._fire("resign", "resign() called")
@@ -234,37 +267,86 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ machine plumbing
     def _fire(self, trigger: str, reason: str) -> None:
+        """Take the table's transition for ``trigger``, running the exit hooks first.
+
+        The source's exit hooks run here rather than inside the ``transitions`` machine, so
+        that a term that died while they ran (a slow ``on_exit_follower`` outlasting the
+        deadline) is never entered: the machine goes to ``disconnected`` instead, as the
+        session's own ``session_lost`` would take it.
+        """
+        source = self.state
+        dest = legal(source, trigger)
+        if dest is None:
+            return
         self._reason = reason
-        before = self.state
+        if not internal(source, trigger):
+            self._exit(source, Change(source=source, dest=dest, trigger=trigger, reason=reason))
+            if dest == "leader" and not self._pending_alive():
+                self._pending = None
+                trigger, dest = "session_lost", "disconnected"
+                reason = self._reason = ("the term ended before it began (deadline passed or "
+                                         f"elector stopping while leaving {source})")
         if self._model.trigger(trigger):  # type: ignore[attr-defined]
             self.transitions += 1
-            log.info("%s: %s --%s--> %s (%s)", self.election, before, trigger, self.state, reason)
+            log.info("%s: %s --%s--> %s (%s)", self.election, source, trigger, self.state, reason)
+        if self.state == "leader" and not self._begun:
+            # Died between that check and the first hook: leave before anyone sees us lead.
+            self._fire("session_lost", "the term ended as it began")
+
+    def _pending_alive(self) -> bool:
+        term = self._pending
+        return self.fatal is None and term is not None and term.valid
 
     def _on_enter(self, event: Any) -> None:
         dest: State = event.transition.dest
         if dest == "leader":
-            self.term, self._pending = self._pending, None
-            assert self.term is not None
-            self.effects.bind_term(self.term)
-            self._run_hooks("enter_leader", self.term)
+            term, self._pending = self._pending, None
+            assert term is not None
+            self._begun = False
+            self.term = term
+            self.effects.bind_term(term)
+            # The term begins here or never: this one check also admits the first hook (no
+            # second look at the clock in between), so on_exit_leader runs exactly when it did.
+            self._begun = self._alive(term)
+            if not self._begun:
+                return
+            # Each later leader hook and each piece of work starts only while the term is
+            # alive: a slow earlier hook can outlast the deadline (the session ends the term).
+            self._run_hooks("enter_leader", term, alive=lambda: self._alive(term),
+                            first_admitted=True)
             for work in self.hooks.work:
-                self.effects.start_work(work, self.term)
+                if not self._alive(term):
+                    log.warning("%s: term %d ended before run_while_leader work %s could start",
+                                self.election, term.token, getattr(work, "__qualname__", work))
+                    break
+                try:
+                    self.effects.start_work(work, term)
+                except Exception as exc:  # e.g. "can't start new thread"
+                    # Leading without the work the user asked for is not leading: stop and
+                    # release the election rather than hold it idle.
+                    self.fatal = self.fatal or exc
+                    self._report(exc, "run_while_leader")
+                    break
         else:
             self._run_hooks(f"enter_{dest}", self._change(event))
 
-    def _on_exit(self, event: Any) -> None:
-        source: State = event.transition.source
+    def _exit(self, source: State, change: Change) -> None:
         if source == "leader" and self.term is not None:
             term, self.term = self.term, None
-            term.ended_by = event.event.name
+            term.ended_by = change.trigger
             term.cancelled.set()
-            self._run_hooks("exit_leader", term)
+            begun, self._begun = self._begun, False
+            if begun:  # on_exit_leader pairs with the on_enter_leader of a term that began
+                self._run_hooks("exit_leader", term)
         elif source != "leader":
-            self._run_hooks(f"exit_{source}", self._change(event))
+            self._run_hooks(f"exit_{source}", change)
 
     def _change(self, event: Any) -> Change:
         return Change(source=event.transition.source, dest=event.transition.dest,
                       trigger=event.event.name, reason=self._reason)
+
+    def _alive(self, term: Term) -> bool:
+        return self.fatal is None and self.term is term and term.valid
 
     def _announce_leader(self) -> None:
         now = self.leader
@@ -272,17 +354,37 @@ class Dispatcher:
         if _same_leader(old, now):
             return
         self._reported = now
-        self._run_hooks("leader_change", old, now)
+        term = self.term
+        if now is not None and term is not None and now.key == term.key:
+            # Naming us: each hook starts only while the term is alive (a slow one before it
+            # can outlast the deadline).
+            self._run_hooks("leader_change", old, now, alive=lambda: self._alive(term))
+        else:
+            self._run_hooks("leader_change", old, now)
 
     # ------------------------------------------------------------------ hooks
-    def _run_hooks(self, name: str, *args: Any) -> None:
-        for fn in list(self.hooks.get(name)):
+    def _run_hooks(self, name: str, *args: Any, alive: Callable[[], bool] | None = None,
+                   first_admitted: bool = False) -> None:
+        for i, fn in enumerate(list(self.hooks.get(name))):
+            if alive is not None and not (first_admitted and i == 0) and not alive():
+                log.warning("%s: the term ended while on_%s hooks ran; %s not run",
+                            self.election, name, getattr(fn, "__qualname__", fn))
+                return
             try:
                 fn(*args)
             except Exception as exc:
                 log.exception("%s: hook on_%s (%s) raised; the elector goes on",
                               self.election, name, getattr(fn, "__qualname__", fn))
                 self._report(HookError(f"on_{name}", exc), f"on_{name}")
+            except BaseException as exc:
+                # SystemExit, KeyboardInterrupt, ...: it would end only the dispatcher thread
+                # while the lease stays renewed; instead the machine stops and releases it.
+                log.error("%s: hook on_%s (%s) raised %s; the elector stops",
+                          self.election, name, getattr(fn, "__qualname__", fn),
+                          type(exc).__name__)
+                error = HookError(f"on_{name}", exc)
+                self.fatal = self.fatal or error
+                self._report(error, f"on_{name}")
 
     def _report(self, error: BaseException, where: str) -> None:
         for fn in list(self.hooks.get("error")):
@@ -291,6 +393,10 @@ class Dispatcher:
             except Exception:
                 log.exception("%s: on_error hook raised while reporting %r from %s",
                               self.election, error, where)
+            except BaseException as exc:
+                log.error("%s: on_error hook raised %s; the elector stops", self.election,
+                          type(exc).__name__)
+                self.fatal = self.fatal or HookError("on_error", exc)
 
 
 def _same_leader(a: LeaderInfo | None, b: LeaderInfo | None) -> bool:

@@ -5,16 +5,22 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 
+from electfsm import clock
 from electfsm.campaign import compare_create, op_range
 from electfsm.config import ElectorConfig
 from electfsm.dispatcher import Dispatcher
-from electfsm.errors import ConfigError, ElectorStopped, EtcdError, NotLeaderError
+from electfsm.errors import (
+    ConfigError,
+    ElectorStopped,
+    ElectorThreadError,
+    EtcdError,
+    NotLeaderError,
+)
 from electfsm.etcd import EtcdClient
 from electfsm.events import ErrorReported, Event, LeaderInfo, Resign, Stop
 from electfsm.hooks import HookMethods, Hooks
@@ -59,13 +65,17 @@ class Elector(HookMethods):
     Three threads (session-watch, campaign, observe) only put events on one queue; one
     dispatcher thread applies them to the machine and runs the hooks, so transitions never
     run concurrently. See :data:`electfsm.machine.TABLE` for every transition.
+
+    ``work_grace`` bounds how long the end of a term (``resign()``, ``stop()``) waits for
+    ``run_while_leader`` work to return before our key is released: the next leader's work
+    cannot start while ours still runs, unless ours ignores ``term.cancelled`` that long.
     """
 
     def __init__(self, *, election: str, identity: str | bytes,
                  endpoints: str | Sequence[str] | None = None, ttl: int = 10,
                  margin: float | None = None, call_timeout: float = 2.0,
                  backoff_max: float = 2.0, tls: TLS | None = None, auth: Auth | None = None,
-                 client: EtcdClient | None = None) -> None:
+                 client: EtcdClient | None = None, work_grace: float = 5.0) -> None:
         if client is not None:
             if endpoints is not None or tls is not None or auth is not None:
                 raise ConfigError("pass either client= (a shared connection) or "
@@ -74,6 +84,10 @@ class Elector(HookMethods):
         if endpoints is None:
             raise ConfigError("endpoints is empty: give at least one etcd endpoint, "
                               "e.g. endpoints=['127.0.0.1:2379']")
+        if not work_grace > 0:
+            raise ConfigError(f"work_grace must be a positive number of seconds, got "
+                              f"{work_grace!r}")
+        self.work_grace = float(work_grace)
         self.config = ElectorConfig(endpoints=endpoints, election=election, identity=identity,
                                     ttl=ttl, margin=margin, call_timeout=call_timeout,
                                     backoff_max=backoff_max, tls=tls, auth=auth)
@@ -82,18 +96,23 @@ class Elector(HookMethods):
         self._changed = threading.Condition()
         self._owns_client = client is None
         self._client = client if client is not None else EtcdClient.for_config(self.config)
-        self._session = SessionWatch(self._client, self.config, self._queue.put)
+        self._session = SessionWatch(self._client, self.config, self._queue.put,
+                                     clock=clock.now)
         self._observer = Subscription(self._client, self.config.election, self._queue.put,
                                       self.config.backoff_max)
         self._dispatcher = Dispatcher(election=self.config.election, value=self.config.identity,
                                       hooks=self._hooks, effects=_Effects(self),
-                                      clock=time.monotonic)
+                                      clock=clock.now)
         self._workers: list[threading.Thread] = []
         self._thread = threading.Thread(target=self._dispatch, daemon=True,
                                         name=f"electfsm-dispatch[{self.config.election}]")
         self._started = False
         self._stopped = False
         self._revoke = True
+        self._stop_by = float("inf")  # when stop(timeout) wants teardown done
+        self._torn_down = False
+        self._lifecycle = threading.Lock()  # start()/stop() decide under it, once
+        self._work_term = threading.local()  # the term a run_while_leader thread works for
 
     def __repr__(self) -> str:
         return (f"Elector(election={self.config.election!r}, "
@@ -103,13 +122,15 @@ class Elector(HookMethods):
     def start(self) -> Elector:
         """Start the threads. Returns at once: the elector is ``disconnected`` until etcd
         grants a lease, and keeps retrying (with backoff, logging why) while it cannot."""
-        if self._stopped:
-            raise ElectorStopped("this elector was stopped; create a new Elector to run again")
-        if not self._started:
-            self._started = True
-            self._thread.start()
-            self._observer.start()
-            self._session.start()
+        with self._lifecycle:
+            if self._stopped:
+                raise ElectorStopped("this elector was stopped; create a new Elector to run "
+                                     "again")
+            if not self._started:
+                self._thread.start()
+                self._observer.start()
+                self._session.start()
+                self._started = True
         return self
 
     def stop(self, timeout: float = 10.0, *, revoke: bool = True) -> None:
@@ -117,20 +138,29 @@ class Elector(HookMethods):
         deletes our key), and end every thread. Safe to call twice and from a hook.
 
         ``revoke=False`` stops renewing but leaves the lease to expire on the server, as a
-        crashed process would: others take over only after the TTL.
+        crashed process would: others take over only after the TTL. The first call decides;
+        a second call only waits.
+
+        ``timeout`` bounds the whole stop, including the wait for ``run_while_leader`` work
+        (at most ``work_grace`` of it). Called from a hook or from ``run_while_leader`` work,
+        it only asks: the elector stops once that hook or work has returned.
         """
-        self._revoke = revoke
-        if self._stopped:
-            if threading.current_thread() is not self._thread and self._thread.is_alive():
+        with self._lifecycle:
+            first = not self._stopped
+            if first:
+                self._stopped = True
+                self._revoke = revoke
+                self._stop_by = clock.now() + timeout
+        if not first:
+            if not self._on_own_thread() and self._thread.is_alive():
                 self._thread.join(timeout)
             return
-        self._stopped = True
         if not self._started:
             if self._owns_client:
                 self._client.close()
             return
         self._queue.put(Stop())
-        if threading.current_thread() is not self._thread:
+        if not self._on_own_thread():
             self._thread.join(timeout)
 
     def __enter__(self) -> Elector:
@@ -143,13 +173,23 @@ class Elector(HookMethods):
         """Step down if leader and queue again at the back; a no-op otherwise.
 
         Returns once the machine has left ``leader`` (``on_exit_leader`` has run), or after
-        ``timeout``; our key is then deleted in etcd (guarded by its create revision). Called
-        from a hook, it only queues the request.
+        ``timeout``. Our key is deleted in etcd (guarded by its create revision) once this
+        term's ``run_while_leader`` work has returned (``work_grace`` at most). The request
+        belongs to the term leading when it is made: it never ends a later one. Called from a
+        hook or from ``run_while_leader`` work, it only queues the request.
         """
+        term = self._caller_term()
+        if term is None or self._stopped or not self._thread.is_alive():
+            return
         done = threading.Event()
-        self._queue.put(Resign(done=done))
-        if threading.current_thread() is not self._thread and self._started:
-            done.wait(timeout)
+        self._queue.put(Resign(token=term.token, done=done))
+        if self._on_own_thread():
+            return
+        end = None if timeout is None else clock.now() + timeout
+        # A dispatcher that ended (stopped) will never apply it: stop waiting then.
+        while not done.wait(0.1 if end is None else max(0.0, min(0.1, end - clock.now()))):
+            if not self._thread.is_alive() or (end is not None and clock.now() >= end):
+                return
 
     # ------------------------------------------------------------------ views
     @property
@@ -190,15 +230,39 @@ class Elector(HookMethods):
         return self._dispatcher.transitions
 
     def wait_for(self, *states: State, timeout: float | None = None) -> bool:
-        """Block until the state is one of ``states``; False on timeout."""
+        """Block until the state is one of ``states``; False on timeout. Not from a hook:
+        hooks run on the thread that changes the state (:class:`ElectorThreadError`)."""
+        self._refuse_on_dispatcher("wait_for()")
         with self._changed:
             return self._changed.wait_for(lambda: self.state in states, timeout)
 
     def wait_until(self, predicate: Callable[[Elector], bool],
                    timeout: float | None = None) -> bool:
-        """Block until ``predicate(elector)`` holds after some event; False on timeout."""
+        """Block until ``predicate(elector)`` holds after some event; False on timeout.
+        Not from a hook (:class:`ElectorThreadError`)."""
+        self._refuse_on_dispatcher("wait_until()")
         with self._changed:
             return self._changed.wait_for(lambda: predicate(self), timeout)
+
+    def _refuse_on_dispatcher(self, call: str) -> None:
+        if threading.current_thread() is self._thread:
+            raise ElectorThreadError(
+                f"{call} was called from a hook of {self.config.election!r}: hooks run on the "
+                "dispatcher thread, the only one that changes the state, so it would wait on "
+                "itself. Check elector.state in the hook, or wait from another thread.")
+
+    def _caller_term(self) -> Term | None:
+        """The term a call acts for: in run_while_leader work, that work's own term (an old
+        term's work must never act for a newer term); elsewhere, the current one."""
+        mine: Term | None = getattr(self._work_term, "term", None)
+        return mine if mine is not None else self._dispatcher.term
+
+    def _on_own_thread(self) -> bool:
+        """True on the dispatcher thread or in run_while_leader work: threads that the
+        dispatcher itself may wait for, so they must never wait for it."""
+        current = threading.current_thread()
+        return (current is self._thread or current in self._workers
+                or getattr(self._work_term, "term", None) is not None)
 
     # ------------------------------------------------------------------ fenced writes
     def fenced_txn(self, compare: Sequence[Any] = (), success: Sequence[Any] = (),
@@ -216,7 +280,7 @@ class Elector(HookMethods):
         (3.5.1 among them) skip permission checks inside nested transactions, so a nested
         fence would let a user write outside the keys their role allows.
         """
-        term = self._dispatcher.term
+        term = self._caller_term()
         if term is None or not term.valid:
             raise NotLeaderError(f"{self.config.election}: not leader (state {self.state}); "
                                  "fenced_txn runs only while leading")
@@ -243,31 +307,80 @@ class Elector(HookMethods):
 
     # ------------------------------------------------------------------ dispatcher thread
     def _dispatch(self) -> None:
-        while True:
-            event = self._queue.get()
-            self._dispatcher.apply(event)
-            if isinstance(event, Resign) and event.done is not None:
-                event.done.set()
+        try:
+            while not self._dispatcher.stopped:
+                event = self._queue.get()
+                try:
+                    self._dispatcher.apply(event)
+                except BaseException as exc:  # our own bug: never leave the lease renewed
+                    log.critical("%s: the dispatcher failed applying %r; stopping the elector "
+                                 "and releasing its lease", self.config.election, event,
+                                 exc_info=True)
+                    self._dispatcher.abort(exc)
+                finally:
+                    if isinstance(event, Resign) and event.done is not None:
+                        event.done.set()
+                    with self._changed:
+                        self._changed.notify_all()
+        finally:
+            # Whatever ended this thread, a machine that no longer runs holds nothing.
+            if not self._torn_down:
+                self._teardown()
+            while True:  # nobody will apply what is still queued: release its waiters
+                try:
+                    event = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(event, Resign) and event.done is not None:
+                    event.done.set()
             with self._changed:
                 self._changed.notify_all()
-            if self._dispatcher.stopped:
-                break
 
     def _teardown(self) -> None:
-        timeout = self.config.call_timeout + 1
+        self._torn_down = True
+        self._stopped = True
+        by = self._stop_by if self._stop_by < float("inf") else clock.now() + 10.0
         # The term is cancelled by now. Let run_while_leader work finish while the lease
         # (and so our key) still holds the election: the next leader's work cannot overlap.
-        for worker in self._workers:
-            worker.join(timeout)
-        self._session.stop(timeout + self.config.call_timeout, revoke=self._revoke)
-        self._observer.stop(timeout)
-        if self._owns_client:
+        left = max(0.0, by - clock.now())
+        try:
+            # Half of what is left (at most a call's time) stays for the revoke and the joins.
+            self._await_work(min(self.work_grace,
+                                 left - min(left / 2, self.config.call_timeout)))
+        finally:  # nothing may skip ending the session: it is what renews the lease
+            # The revoke gets at least one call's time, whatever stop(timeout) asked for.
+            self._session.stop(max(by - clock.now(), self.config.call_timeout + 1),
+                               revoke=self._revoke)
+            self._observer.stop(max(0.0, by - clock.now()))
+        if not self._owns_client:
+            return
+        session = self._session._thread  # its end, not its state
+        if session.is_alive():
+            # Closing the channel now would cut the revoke short: close once it is done.
+            threading.Thread(target=_close_after, args=(session, self._client), daemon=True,
+                             name=f"electfsm-close[{self.config.election}]").start()
+        else:
             self._client.close()
 
+    def _await_work(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for every run_while_leader worker (but ourselves) to end."""
+        end = clock.now() + timeout
+        current = threading.current_thread()
+        for worker in self._workers:
+            if worker is not current and worker.ident is not None:  # started
+                worker.join(max(0.0, end - clock.now()))
+                if worker.is_alive():
+                    log.warning("%s: run_while_leader work %s did not return within %.1fs of "
+                                "its term's end; releasing the election anyway",
+                                self.config.election, worker.name, timeout)
+
     def _run_work(self, work: Callable[[Term], Any], term: Term) -> None:
+        self._work_term.term = term
+        if not term.valid:  # ended between the dispatcher's check and this thread's start
+            return
         try:
             work(term)
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit too: it ends this work, reported, no more
             log.exception("%s: run_while_leader work %s raised", self.config.election,
                           getattr(work, "__qualname__", work))
             self._queue.put(ErrorReported(error=exc, where="run_while_leader"))
@@ -285,6 +398,9 @@ class _Effects:
             campaign.recampaign()
 
     def resign(self, generation: int, key: str, create_revision: int) -> None:
+        # The term is cancelled: our key stays first until its work has returned, so the
+        # next leader's work cannot overlap it (the same rule as stop()).
+        self._e._await_work(self._e.work_grace)
         campaign = self._e._session.campaign(generation)
         if campaign is not None:
             campaign.resign(create_revision)
@@ -298,11 +414,16 @@ class _Effects:
     def start_work(self, work: Callable[[Term], Any], term: Term) -> None:
         thread = threading.Thread(target=self._e._run_work, args=(work, term), daemon=True,
                                   name=f"electfsm-work[{self._e.config.election}]")
+        thread.start()  # may raise ("can't start new thread"): then it is not a worker
         self._e._workers = [w for w in self._e._workers if w.is_alive()] + [thread]
-        thread.start()
 
     def shutdown(self) -> None:
         self._e._teardown()
+
+
+def _close_after(thread: threading.Thread, client: EtcdClient) -> None:
+    thread.join()
+    client.close()
 
 
 __all__ = ["Elector", "EtcdError"]

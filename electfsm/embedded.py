@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from electfsm import clock
 from electfsm.errors import ConfigError
 from electfsm.security import TLS
 
@@ -420,9 +421,9 @@ def _release_all(resources: list[_Resources], grace: float = _TERM_GRACE) -> Non
     before SIGKILL."""
     for res in resources:
         res.begin_terminate()
-    deadline = time.monotonic() + grace
+    deadline = clock.now() + grace
     for res in resources:
-        res.release(deadline - time.monotonic())
+        res.release(deadline - clock.now())
 
 
 def _read_tail(path: str | None) -> str:
@@ -662,14 +663,14 @@ class LocalEtcd(_StartStop):
             code = proc.poll()
             if code is not None:
                 return f"etcd exited early with code {code}"
-            remaining = deadline - time.monotonic()
+            remaining = deadline - clock.now()
             if remaining <= 0:
                 return f"etcd did not become healthy in time (last health check: {last})"
             problem = _probe(self._opener, url, timeout=max(0.05, min(0.5, remaining)))
             if problem is None:
                 return None
             last = problem
-            time.sleep(min(_POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(_POLL_INTERVAL, max(0.0, deadline - clock.now())))
 
     def _failure(self, why: str, tail: str) -> RuntimeError:
         return RuntimeError(
@@ -684,7 +685,7 @@ class LocalEtcd(_StartStop):
         """
         if self.pid is not None:
             return self
-        deadline = time.monotonic() + timeout
+        deadline = clock.now() + timeout
         fresh = self._res.tmpdir is None
         # The client port is checked first: the health probe would otherwise reach whatever
         # holds it and take it for our etcd. (A busy peer port makes etcd exit: reported below.)
@@ -743,8 +744,8 @@ class LocalEtcd(_StartStop):
         every thread of it has stopped (the signal is delivered to each asynchronously, and
         a thread still running could answer one more request)."""
         pid = self._signal(signal.SIGSTOP).pid
-        deadline = time.monotonic() + 2.0
-        while not _all_threads_stopped(pid) and time.monotonic() < deadline:
+        deadline = clock.now() + 2.0
+        while not _all_threads_stopped(pid) and clock.now() < deadline:
             time.sleep(0.001)
 
     def resume(self) -> None:
@@ -890,12 +891,12 @@ class LocalCluster(_StartStop):
                         exclude: Sequence[int] = ()) -> int:
         """Poll :meth:`leader_index` until a leader (not in ``exclude``) exists; its index.
         Raises :class:`TimeoutError`."""
-        deadline = time.monotonic() + timeout
+        deadline = clock.now() + timeout
         while True:
-            index = self.leader_index(timeout=min(0.5, max(0.05, deadline - time.monotonic())))
+            index = self.leader_index(timeout=min(0.5, max(0.05, deadline - clock.now())))
             if index is not None and index not in exclude:
                 return index
-            if time.monotonic() >= deadline:
+            if clock.now() >= deadline:
                 raise TimeoutError(f"no raft leader within {timeout}s in {self!r}")
             time.sleep(_POLL_INTERVAL)
 
@@ -908,7 +909,7 @@ class LocalCluster(_StartStop):
         Raises :class:`RuntimeError` with the tails of the failed members' logs; the members
         this call launched are killed again then.
         """
-        deadline = time.monotonic() + timeout
+        deadline = clock.now() + timeout
         for attempt in range(_PORT_RETRIES):
             fresh = not self._launched
             pending = [m for m in self.members if m.pid is None]
@@ -924,7 +925,7 @@ class LocalCluster(_StartStop):
                     failures.append((m, why, _read_tail(m.log_path)))
             if not failures:
                 try:
-                    self.wait_for_leader(max(0.0, deadline - time.monotonic()))
+                    self.wait_for_leader(max(0.0, deadline - clock.now()))
                 except TimeoutError as exc:
                     blamed = pending[0] if pending else self.members[0]
                     failures.append((blamed, str(exc), _read_tail(blamed.log_path)))

@@ -43,8 +43,17 @@ class ElectorStopped(ElectfsmError):
     """The elector was stopped; a stopped elector cannot be started again."""
 
 
+class ElectorThreadError(ElectfsmError, RuntimeError):
+    """A blocking call was made on the elector's dispatcher thread (from a hook), where it
+    could only wait on itself. Call it from another thread, or use a non-blocking form."""
+
+
 class HookError(ElectfsmError):
-    """A user hook raised. Passed to ``on_error`` hooks; the machine keeps running."""
+    """A user hook raised. Passed to ``on_error`` hooks.
+
+    After an :class:`Exception` the machine keeps running; after anything else (``SystemExit``,
+    ``KeyboardInterrupt``) it stops, releasing its leadership and lease, as ``stop()`` would.
+    """
 
     def __init__(self, hook_name: str, cause: BaseException) -> None:
         super().__init__(f"hook {hook_name} raised {type(cause).__name__}: {cause}")

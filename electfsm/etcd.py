@@ -14,13 +14,13 @@ import contextlib
 import logging
 import queue
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
 from etcd3 import etcdrpc
 
+from electfsm import clock
 from electfsm.config import ElectorConfig
 from electfsm.errors import (
     EtcdError,
@@ -169,7 +169,7 @@ class EtcdClient:
     def _answered(self, channel: Any) -> None:
         """A call on ``channel`` was answered: the link is alive."""
         if channel is self._channel:
-            self._last_answer = time.monotonic()
+            self._last_answer = clock.now()
 
     def _failed(self, channel: Any, *, timed_out: bool = False,
                 waited: float | None = None) -> None:
@@ -183,7 +183,7 @@ class EtcdClient:
             if self._closed or channel is not self._channel:
                 return  # someone else already rebuilt it
             window = self.timeout if waited is None else min(self.timeout, waited)
-            if timed_out and time.monotonic() - self._last_answer < window:
+            if timed_out and clock.now() - self._last_answer < window:
                 return
             old = self._channel
             self._index = (self._index + 1) % len(self.hosts)
@@ -205,28 +205,49 @@ class EtcdClient:
         channel.close()
 
     # ------------------------------------------------------------------ auth
-    def metadata(self, *, stream: bool = False) -> tuple[tuple[str, str], ...]:
-        """gRPC metadata for a call: the auth token, and require-leader on streams."""
+    def metadata(self, *, stream: bool = False,
+                 timeout: float | None = None) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata for a call: the auth token, and require-leader on streams.
+
+        Getting a token may mean authenticating (or waiting for another call that does):
+        that takes ``timeout`` at most (default: the client's), so a caller with a deadline
+        passes what it has left."""
         md = REQUIRE_LEADER if stream else ()
         if self._auth is None:
             return md
-        return (*md, ("token", self._current_token()))
+        return (*md, ("token", self._current_token(self.timeout if timeout is None
+                                                   else timeout)))
 
-    def _current_token(self) -> str:
-        with self._token_lock:
+    def _current_token(self, timeout: float) -> str:
+        assert self._auth is not None
+        what = f"authenticate as {self._auth.user!r}"
+        until = clock.now() + timeout
+        if not self._token_lock.acquire(timeout=max(0.0, timeout)):
+            raise EtcdUnavailable(f"{what}: another call was still renewing the auth token "
+                                  f"after {timeout:.2f}s; is etcd at "
+                                  f"{self.hosts[self._index]} answering?")
+        try:
             if self._token is None:
-                self._token = self._authenticate()
+                left = until - clock.now()
+                if left <= 0:
+                    raise EtcdUnavailable(f"{what}: no time left to renew the auth token "
+                                          f"within {timeout:.2f}s")
+                self._token = self._authenticate(left)
             return self._token
+        finally:
+            self._token_lock.release()
 
-    def _authenticate(self) -> str:
+    def _authenticate(self, timeout: float) -> str:
         assert self._auth is not None
         stub, channel = self._stub("auth")
         request = etcdrpc.AuthenticateRequest(name=self._auth.user, password=self._auth.password)
         try:
-            return str(stub.Authenticate(request, timeout=self.timeout).token)
+            token = str(stub.Authenticate(request, timeout=timeout).token)
         except grpc.RpcError as exc:
             raise self._translate(exc, f"authenticate as {self._auth.user!r}", channel,
-                                  self.timeout) from None
+                                  timeout) from None
+        self._answered(channel)
+        return token
 
     def _forget_token(self) -> None:
         log.info("etcd rejected our auth token (expired?); authenticating again")
@@ -289,10 +310,16 @@ class EtcdClient:
     def _unary(self, stub_name: str, method: str, request: Any, what: str,
                timeout: float | None = None) -> Any:
         timeout = self.timeout if timeout is None else timeout
+        until = clock.now() + timeout  # the auth token renewal and a retry included
         for attempt in (1, 2):
             stub, channel = self._stub(stub_name)
             try:
-                resp = getattr(stub, method)(request, timeout=timeout, metadata=self.metadata())
+                metadata = self.metadata(timeout=until - clock.now())
+                left = until - clock.now()
+                if left <= 0:
+                    raise EtcdUnavailable(f"{what}: no time left after renewing the auth "
+                                          f"token within {timeout}s")
+                resp = getattr(stub, method)(request, timeout=left, metadata=metadata)
                 self._answered(channel)
                 return resp
             except grpc.RpcError as exc:
@@ -354,28 +381,46 @@ class EtcdClient:
         time, which 1,000 electors renewing every TTL/3 cannot afford.
         """
         timeout = self.timeout if timeout is None else timeout
+        until = clock.now() + timeout  # opening the stream (and renewing the token) included
         what = f"keep lease {lease:x} alive"
-        stream = self._keepalive_stream(what)
+        stream = self._keepalive_stream(what, until)
+        left = until - clock.now()
+        if left <= 0:
+            raise EtcdUnavailable(f"{what}: no time left to send it after opening the "
+                                  f"keepalive stream within {timeout}s")
         try:
-            return stream.renew(lease, timeout)
+            return stream.renew(lease, left)
         except _NoAnswer:
-            self._failed(stream.channel, timed_out=True, waited=timeout)
+            self._failed(stream.channel, timed_out=True, waited=left)
             raise EtcdUnavailable(f"{what}: etcd at {self.hosts[self._index]} did not answer "
                                   f"within {timeout}s; is it running and reachable?") from None
 
-    def _keepalive_stream(self, what: str) -> _KeepAlives:
-        with self._ka_lock:
-            stream = self._keepalives
-            if stream is not None and stream.usable(self._channel):
-                return stream
-            stub, channel = self._stub("lease")
+    def _keepalive_stream(self, what: str, until: float) -> _KeepAlives:
+        """The shared keepalive stream, opened if needed, by ``until`` (on the package clock)
+        at the latest. A new stream needs the auth token, and renewing it is a call: that is
+        done outside ``_ka_lock``, which would hold up every other lease of this client."""
+        metadata: tuple[tuple[str, str], ...] | None = None
+        while True:
+            if not self._ka_lock.acquire(timeout=max(0.0, until - clock.now())):
+                raise EtcdUnavailable(f"{what}: another thread was still opening the "
+                                      "keepalive stream; no time left")
             try:
-                stream = _KeepAlives(self, stub, channel)
-            except ValueError as exc:  # the channel was closed under us (by a rebuild)
-                self._failed(channel)
-                raise EtcdUnavailable(f"{what}: connection rebuilt ({exc})") from None
-            self._keepalives = stream
-            return stream
+                stream = self._keepalives
+                if stream is not None and stream.usable(self._channel):
+                    return stream
+                if metadata is not None or self._auth is None:
+                    stub, channel = self._stub("lease")
+                    try:
+                        stream = _KeepAlives(self, stub, channel,
+                                             metadata or self.metadata(stream=True))
+                    except ValueError as exc:  # the channel was closed under us (a rebuild)
+                        self._failed(channel)
+                        raise EtcdUnavailable(f"{what}: connection rebuilt ({exc})") from None
+                    self._keepalives = stream
+                    return stream
+            finally:
+                self._ka_lock.release()
+            metadata = self.metadata(stream=True, timeout=until - clock.now())
 
     def revoke(self, lease: int, *, timeout: float | None = None) -> None:
         """Revoke ``lease`` (deleting every key attached to it); a lease already gone is fine."""
@@ -456,7 +501,8 @@ class _KeepAlives:
     answering stays, or one slow renewal under load would fail every lease sharing it.
     """
 
-    def __init__(self, client: EtcdClient, stub: Any, channel: Any) -> None:
+    def __init__(self, client: EtcdClient, stub: Any, channel: Any,
+                 metadata: tuple[tuple[str, str], ...]) -> None:
         self._client = client
         self.channel = channel
         self._lock = threading.Lock()
@@ -464,8 +510,7 @@ class _KeepAlives:
         self._dead: EtcdError | None = None
         self._last_answer = float("-inf")
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._call = stub.LeaseKeepAlive(iter(self._requests.get, None),
-                                         metadata=client.metadata(stream=True))
+        self._call = stub.LeaseKeepAlive(iter(self._requests.get, None), metadata=metadata)
         self._reader = threading.Thread(target=self._read, daemon=True,
                                         name="electfsm-keepalive")
         self._reader.start()
@@ -479,7 +524,7 @@ class _KeepAlives:
             if self._dead is not None:
                 raise self._dead
             self._waiting.setdefault(lease, collections.deque()).append(renewal)
-        sent = time.monotonic()
+        sent = clock.now()
         self._requests.put(etcdrpc.LeaseKeepAliveRequest(ID=lease))
         try:
             return renewal.wait(timeout)
@@ -493,7 +538,7 @@ class _KeepAlives:
         error: EtcdError
         try:
             for resp in self._call:
-                self._last_answer = time.monotonic()
+                self._last_answer = clock.now()
                 self._client._answered(self.channel)
                 with self._lock:
                     waiting = self._waiting.get(int(resp.ID))

@@ -5,6 +5,10 @@ the dispatcher applies them in order. Events that belong to a session carry its
 ``generation`` so the dispatcher can drop those of a session that is already gone.
 Tests can build and inject them directly (see :mod:`electfsm.testing`); there a
 ``generation`` of ``None`` means "the current session".
+
+No thread reports ``deposed``: observe reports what etcd shows (:class:`LeaderSeen`), and the
+dispatcher, which alone knows our key and term, deposes us when a newer view shows another
+leader or none.
 """
 
 from __future__ import annotations
@@ -68,17 +72,14 @@ class LeaderSeen:
 
 
 @attrs.frozen(kw_only=True)
-class Deposed:
-    """Our key vanished or is no longer first while we lead."""
-
-    generation: int | None = None
-    reason: str = "deposed"
-
-
-@attrs.frozen(kw_only=True)
 class Resign:
-    """User call: step down and queue again at the back. ``done`` is set once applied."""
+    """User call: step down and queue again at the back. ``done`` is set once applied.
 
+    ``token`` binds the request to the term it was made in: a resign queued while one term
+    ended is not applied to the next one. ``None`` (for tests) means the current term.
+    """
+
+    token: int | None = None
     done: threading.Event | None = attrs.field(default=None, eq=False, repr=False)
 
 
@@ -95,4 +96,4 @@ class ErrorReported:
     where: str = ""
 
 
-Event = SessionUp | SessionLost | Elected | LeaderSeen | Deposed | Resign | Stop | ErrorReported
+Event = SessionUp | SessionLost | Elected | LeaderSeen | Resign | Stop | ErrorReported

@@ -41,10 +41,11 @@ import select
 import socket
 import struct
 import threading
-import time
 from types import TracebackType
 
 import attrs
+
+from electfsm import clock
 
 __all__ = ["FaultProxy", "ProxyStats"]
 
@@ -190,9 +191,9 @@ class _Connection:
             code = sock.connect_ex(self.proxy._upstream)
             if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
                 raise OSError(code, "connect to upstream failed")
-            deadline = time.monotonic() + _CONNECT_TIMEOUT
+            deadline = clock.now() + _CONNECT_TIMEOUT
             while code != 0:
-                if self._should_end() or time.monotonic() > deadline:
+                if self._should_end() or clock.now() > deadline:
                     raise OSError(errno.ETIMEDOUT, "connect to upstream timed out")
                 _, writable, _ = select.select([], [sock], [], _TICK)
                 if writable:
@@ -216,7 +217,7 @@ class _Connection:
             if proxy._stopping.is_set():
                 return False
             mode = proxy._mode
-            now = time.monotonic()
+            now = clock.now()
             for d in dirs:
                 if mode.drops(d.to_upstream):
                     proxy._count(dropped=d.drop_all())
@@ -255,7 +256,7 @@ class _Connection:
         elif mode.drops(d.to_upstream):
             self.proxy._count(dropped=len(data))
         else:
-            due = mode.due(time.monotonic())
+            due = mode.due(clock.now())
             if d.pending:
                 due = max(due, d.pending[-1][0])  # a stream: never reorder
             d.pending.append((due, data))
@@ -410,9 +411,9 @@ class FaultProxy:
                 connections = list(self._connections)
             for conn in connections:
                 conn.request_reset()
-            deadline = time.monotonic() + _JOIN_TIMEOUT
+            deadline = clock.now() + _JOIN_TIMEOUT
             for conn in connections:
-                conn.thread.join(max(0.0, deadline - time.monotonic()))
+                conn.thread.join(max(0.0, deadline - clock.now()))
             return len(connections)
 
     def refuse(self) -> None:
@@ -503,6 +504,6 @@ class FaultProxy:
     def _join_connections(self) -> None:
         with self._lock:
             connections = list(self._connections)
-        deadline = time.monotonic() + _JOIN_TIMEOUT
+        deadline = clock.now() + _JOIN_TIMEOUT
         for conn in connections:
-            conn.thread.join(max(0.0, deadline - time.monotonic()))
+            conn.thread.join(max(0.0, deadline - clock.now()))

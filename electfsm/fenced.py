@@ -31,6 +31,8 @@ from typing import Any
 
 import attrs
 
+from electfsm import clock
+
 __all__ = ["FencedClient", "FencedResource", "Write"]
 
 _HOST = "127.0.0.1"
@@ -149,7 +151,7 @@ class FencedResource:
             ok = token >= before or not self.fenced
             if ok and token > self._highest:
                 self._highest = token
-            write = Write(mono=time.monotonic(), wall=time.time(), token=token,
+            write = Write(mono=clock.now(), wall=time.time(), token=token,
                           identity=identity, payload=payload, accepted=ok,
                           highest_before=before)
             self._writes.append(write)

@@ -56,10 +56,9 @@ def transition_configs() -> list[dict[str, Any]]:
     configs: list[dict[str, Any]] = []
     for row in TABLE:
         for source in row.sources:
-            internal = row.internal or (row.trigger == "stop" and source == row.dest)
             configs.append(
                 {"trigger": row.trigger, "source": source,
-                 "dest": None if internal else row.dest}
+                 "dest": None if internal(source, row.trigger) else row.dest}
             )
     return configs
 
@@ -81,6 +80,14 @@ def build_machine(model: Any, **callbacks: Any) -> Machine:
         model_attribute="fsm_state",
         **callbacks,
     )
+
+
+def internal(source: State, trigger: str) -> bool:
+    """True if ``trigger`` keeps ``source`` without leaving it (no exit or enter hooks)."""
+    for row in TABLE:
+        if row.trigger == trigger and source in row.sources:
+            return row.internal or (row.trigger == "stop" and source == row.dest)
+    return False
 
 
 def legal(source: State, trigger: str) -> State | None:

@@ -1,42 +1,62 @@
 """session-watch: grants the lease, keeps it alive, and owns the local deadline.
 
-    safe_until = monotonic time the last confirmed keepalive was *sent* + TTL - margin
+    safe_until = the time the last confirmed keepalive was *sent* + TTL - margin
 
-``session_lost`` is emitted at ``safe_until`` itself (no waiting for another tick), when a
-keepalive answers TTL <= 0, or when etcd no longer knows the lease. After a loss the lease is
-no longer renewed and is revoked best-effort (otherwise a half-open link could keep it alive and
-nobody could take over); a new lease is granted as soon as etcd answers again. A revoke that
-failed (etcd unreachable, or without quorum) is tried again right after that grant, before
+on the package clock (:func:`electfsm.clock.now`, which counts time the host was suspended).
+The first renewal is due TTL/3 after the grant was *sent*, not after it returned: a slow grant
+has already used up part of the lease. No call on this thread may outlast the time left to
+the deadline (a keepalive gets half of it at most, the auth token renewal on its way
+included), and the deadline does not depend on this thread anyway: the process-wide
+:class:`~electfsm.clock.Watchdog` fires it, so a session thread stuck in a call still steps
+down on time.
+
+``session_lost`` is emitted once per generation, by whichever sees it first: the watchdog at
+``safe_until`` itself, or this thread when a keepalive answers TTL <= 0, when etcd no longer
+knows the lease, or when a renewal comes back too late. The terms bound to the generation
+(:meth:`SessionWatch.bind`) are cancelled just before. After a loss the lease is no longer
+renewed and is revoked best-effort (otherwise a half-open link could keep it alive and nobody
+could take over); a new lease is granted as soon as etcd answers again. A revoke that failed
+(etcd unreachable, or without quorum) is tried again right after that grant, before
 campaigning: our old key may still be first in line, and etcd renews every lease by its TTL
 when its own leader changes, so waiting for it to expire could hold the election for a TTL.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-import time
 from collections.abc import Callable
 
+from electfsm import clock as _clock
 from electfsm.backoff import Backoff
 from electfsm.campaign import Campaign
 from electfsm.config import ElectorConfig, safe_until
-from electfsm.errors import EtcdError, LeaseNotFound
+from electfsm.errors import EtcdError, EtcdUnavailable, LeaseNotFound
 from electfsm.etcd import EtcdClient
 from electfsm.events import ErrorReported, Event, SessionLost, SessionUp
 
 log = logging.getLogger("electfsm.session")
 
+LATE = "no keepalive confirmed before the local deadline"
+#: A call given less time than this could not be answered; it is not sent.
+MIN_CALL = 0.01
+STOPPED = "stopped"
+
 
 class SessionWatch:
-    """Owns the lease of each session generation and the campaign running for it."""
+    """Owns the lease of each session generation and the campaign running for it.
+
+    ``clock`` defaults to the package clock; deadlines (:meth:`deadline`) are on it.
+    """
 
     def __init__(self, client: EtcdClient, config: ElectorConfig, emit: Callable[[Event], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] | None = None) -> None:
         self._client = client
         self._config = config
         self._emit = emit
-        self._clock = clock
+        self._clock = _clock.now if clock is None else clock
+        self._watchdog = _clock.watchdog(self._clock)
         self._stopping = threading.Event()
         self._revoke = True
         self._lock = threading.Lock()
@@ -44,6 +64,8 @@ class SessionWatch:
         self.lease = 0
         self.granted_ttl: int | None = None
         self._safe_until = float("-inf")
+        self._lost = True  # the current generation's loss was declared (or none is up)
+        self._alarm: _clock.Alarm | None = None
         self._campaign: Campaign | None = None
         self._on_lost: list[threading.Event] = []
         self._unrevoked: list[int] = []  # lost leases whose revoke failed
@@ -59,6 +81,8 @@ class SessionWatch:
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        # the watchdog thread exits once no elector of the process has a deadline armed
+        self._watchdog.join_idle(1.0)
 
     def deadline(self, generation: int) -> float:
         """``safe_until`` of that generation's lease; -inf once it is gone or superseded."""
@@ -68,7 +92,7 @@ class SessionWatch:
     def bind(self, generation: int, cancelled: threading.Event) -> None:
         """Set ``cancelled`` the moment this generation's lease is lost (now, if already)."""
         with self._lock:
-            if generation == self.generation and self._safe_until > float("-inf"):
+            if generation == self.generation and not self._lost:
                 self._on_lost.append(cancelled)
                 return
         cancelled.set()
@@ -82,9 +106,8 @@ class SessionWatch:
         backoff = Backoff(self._config.backoff_max)
         last_error = ""
         while not self._stopping.is_set():
-            sent = self._clock()
             try:
-                lease, ttl = self._client.grant(self._config.ttl)
+                lease, ttl, sent = self._grant()
             except Exception as exc:  # EtcdError, or a bug below us: retry either way
                 if not isinstance(exc, EtcdError):
                     log.exception("%s: grant raised unexpectedly", self._config.election)
@@ -97,28 +120,26 @@ class SessionWatch:
                 continue
             backoff.reset()
             last_error = ""
-            if ttl != self._config.ttl:
-                log.warning("%s: asked etcd for a %ds lease, it granted %ds (its minimum); "
-                            "using %ds", self._config.election, self._config.ttl, ttl, ttl)
             margin = self._config.margin_for(ttl)
-            self._revoke_lost(ttl)
+            until = safe_until(sent, ttl, margin)
+            self._revoke_lost(ttl, sent, until)
             campaign = Campaign(self._client, self._config, self.generation + 1, lease,
                                 self._emit)
             with self._lock:
                 self.generation += 1
+                generation = self.generation
                 self.lease, self.granted_ttl = lease, ttl
-                self._safe_until = safe_until(sent, ttl, margin)
+                self._safe_until = until
+                self._lost = False
                 self._campaign = campaign
                 self._on_lost = []
-                generation = self.generation
-            self._emit(SessionUp(generation=generation, lease=lease, ttl=ttl))
+                # under the lock: no SessionLost of this generation can come before it
+                self._emit(SessionUp(generation=generation, lease=lease, ttl=ttl))
+                self._alarm = self._watchdog.arm(
+                    until, functools.partial(self._deadline_passed, generation))
             campaign.start()
-            reason = self._keep_alive(lease, ttl, margin)
-            self._lose(generation, reason)
-            campaign.cancel()
-            if reason != "stopped":
-                self._emit(SessionLost(generation=generation, reason=reason))
-                log.warning("%s: session %d lost: %s", self._config.election, generation, reason)
+            reason = self._keep_alive(generation, lease, ttl, margin, sent)
+            self._lose(generation, reason, announce=reason != STOPPED)
             campaign.join(self._config.call_timeout + 1)
             if not self._revoke:
                 log.info("%s: leaving lease %x to expire on its own", self._config.election, lease)
@@ -130,49 +151,115 @@ class SessionWatch:
                          self._config.election, lease, exc)
                 self._unrevoked.append(lease)
 
-    def _revoke_lost(self, ttl: int) -> None:
+    def _grant(self) -> tuple[int, int, float]:
+        """Grant a lease; returns (lease, granted TTL, when the grant was sent).
+
+        The grant may take no longer than the lease it asks for would last (TTL - margin):
+        one answered later could expire before its first renewal. etcd may grant more than
+        we ask (its minimum), never less, so the TTL asked for bounds it."""
+        ttl = self._config.ttl
+        sent = self._clock()
+        lease, granted = self._client.grant(
+            ttl, timeout=min(self._config.call_timeout, ttl - self._config.margin_for(ttl)))
+        if granted != ttl:
+            log.warning("%s: asked etcd for a %ds lease, it granted %ds (its minimum); "
+                        "using %ds", self._config.election, ttl, granted, granted)
+        late = self._clock() - sent
+        if late >= granted - self._config.margin_for(granted):
+            self._revoke_now(lease, min(self._config.call_timeout, granted / 4))
+            raise EtcdUnavailable(f"grant a {ttl}s lease: etcd answered after {late:.2f}s, too "
+                                  "late to keep the lease alive; retrying")
+        return lease, granted, sent
+
+    def _revoke_now(self, lease: int, timeout: float) -> None:
+        try:
+            self._client.revoke(lease, timeout=timeout)
+        except EtcdError as exc:
+            log.info("%s: could not revoke lease %x (%s); trying again once etcd answers",
+                     self._config.election, lease, exc)
+            self._unrevoked.append(lease)
+
+    def _revoke_lost(self, ttl: int, sent: float, until: float) -> None:
         """Revoke the lost leases whose revoke failed; etcd has just answered a grant. Once
-        each: a lease that still cannot be revoked expires on its own."""
+        each: a lease that still cannot be revoked expires on its own. They get the first
+        half of the new lease's time at most: the rest is for its first renewal."""
         leases, self._unrevoked = self._unrevoked, []
+        budget_end = sent + (until - sent) / 2
         for lease in leases:
+            timeout = min(self._config.call_timeout, ttl / 4, budget_end - self._clock())
+            if timeout < MIN_CALL:
+                log.info("%s: no time left to revoke lost lease %x; it expires on its own",
+                         self._config.election, lease)
+                continue
             try:
-                self._client.revoke(lease, timeout=min(self._config.call_timeout, ttl / 4))
+                self._client.revoke(lease, timeout=timeout)
                 log.info("%s: revoked lost lease %x now that etcd answers",
                          self._config.election, lease)
             except EtcdError as exc:
                 log.info("%s: could not revoke lost lease %x (%s); it expires on its own",
                          self._config.election, lease, exc)
 
-    def _lose(self, generation: int, reason: str) -> None:
+    def _deadline_passed(self, generation: int) -> None:
+        """The watchdog's callback at ``safe_until`` (on its thread: must not block)."""
         with self._lock:
+            if generation != self.generation or self._lost:
+                return
+            if self._clock() < self._safe_until:
+                # renewed just as the alarm went off: watch the new deadline
+                self._alarm = self._watchdog.arm(
+                    self._safe_until, functools.partial(self._deadline_passed, generation))
+                return
+        self._lose(generation, LATE, announce=True)
+
+    def _lose(self, generation: int, reason: str, *, announce: bool) -> None:
+        """End ``generation``: cancel its terms and its campaign, and (``announce``) emit
+        ``SessionLost``. Only the first call for a generation does anything, whether the
+        session thread or the watchdog makes it."""
+        with self._lock:
+            if generation != self.generation or self._lost:
+                return
+            self._lost = True
             self._safe_until = float("-inf")
             waiting, self._on_lost = self._on_lost, []
+            alarm, self._alarm = self._alarm, None
+            campaign = self._campaign
+        if alarm is not None:
+            alarm.cancel()
         for cancelled in waiting:
             cancelled.set()
+        if campaign is not None:
+            campaign.cancel()
+        if announce:
+            self._emit(SessionLost(generation=generation, reason=reason))
+            log.warning("%s: session %d lost: %s", self._config.election, generation, reason)
 
-    def _keep_alive(self, lease: int, ttl: int, margin: float) -> str:
-        """Renew ``lease`` every TTL/3 until it is lost; returns why it ended."""
+    def _keep_alive(self, generation: int, lease: int, ttl: int, margin: float,
+                    sent: float) -> str:
+        """Renew ``lease`` every TTL/3 (from the grant's send time) until it is lost;
+        returns why it ended."""
         interval = ttl / 3
         retry = min(0.25, interval / 2)
-        next_at = self._clock() + interval
+        next_at = sent + interval
         while True:
-            deadline = self.deadline(self.generation)
+            deadline = self.deadline(generation)
             now = self._clock()
             if now >= deadline:
-                return "no keepalive confirmed before the local deadline"
+                return LATE
             if self._stopping.wait(max(0.0, min(next_at, deadline) - now)):
-                return "stopped"
+                return STOPPED
             now = self._clock()
             if now >= deadline:
-                return "no keepalive confirmed before the local deadline"
+                return LATE
             if now < next_at:
                 continue
+            # half the time left at most: a hung endpoint must leave room to retry on the
+            # next one before the deadline
+            timeout = min(self._config.call_timeout, (deadline - now) / 2)
+            if timeout < MIN_CALL:  # no renewal could come back in time: wait for the end
+                next_at = deadline
+                continue
             try:
-                # half the time left at most: a hung endpoint must leave room to retry on
-                # the next one before the deadline
-                granted = self._client.keepalive(
-                    lease, timeout=min(self._config.call_timeout,
-                                       max(0.05, (deadline - now) / 2)))
+                granted = self._client.keepalive(lease, timeout=timeout)
             except LeaseNotFound:
                 return "etcd no longer knows the lease"
             except EtcdError as exc:
@@ -188,11 +275,15 @@ class SessionWatch:
             if granted <= 0:
                 return "etcd says the lease expired or was revoked (TTL 0)"
             with self._lock:
-                # Taken in past the deadline (a stall while etcd answered): someone may have
-                # seen the term end already, so it must not come back.
-                late = self._clock() >= self._safe_until
+                # Taken in past the deadline (a stall while etcd answered), or after the
+                # watchdog ended the term: someone may have seen it end, so it must not
+                # come back.
+                late = (generation != self.generation or self._lost
+                        or self._clock() >= self._safe_until)
                 if not late:
                     self._safe_until = safe_until(now, granted, margin)
+                    if self._alarm is not None:
+                        self._alarm.move(self._safe_until)
             if late:
-                return "no keepalive confirmed before the local deadline"
+                return LATE
             next_at = now + interval

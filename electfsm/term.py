@@ -41,7 +41,8 @@ class Term:
 
     @property
     def deadline(self) -> float:
-        """Monotonic time (of the elector's clock) by which this term must end at the latest."""
+        """The time, on the elector's clock (:func:`electfsm.clock.now`), by which this term
+        must end at the latest."""
         return self._deadline()
 
     def remaining(self) -> float:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import queue
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
+
+from electfsm.campaign import is_candidate_key
+from electfsm.etcd import EtcdClient, prefix_end
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -99,3 +106,64 @@ def run(*args: str, timeout: float = 30,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(electfsm(*args), capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, env=clean_env() if env is None else env)
+
+
+def candidates(endpoint: str, election: str) -> list[Any]:
+    """The candidate keys of ``election`` in queue order, read directly from etcd."""
+    client = EtcdClient([endpoint], timeout=5)
+    try:
+        prefix = (election + "/").encode()
+        kvs = client.range(prefix, prefix_end(prefix)).kvs
+    finally:
+        client.close()
+    return sorted((kv for kv in kvs if is_candidate_key(prefix, bytes(kv.key))),
+                  key=lambda kv: kv.create_revision)
+
+
+def wait_candidates(endpoint: str, election: str, count: int, timeout: float = 10) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        kvs = candidates(endpoint, election)
+        if len(kvs) == count:
+            return kvs
+        if time.monotonic() > deadline:
+            pytest.fail(f"expected {count} candidates in {election}, found {len(kvs)}")
+        time.sleep(0.05)
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_log(path: Path, pred: Callable[[dict[str, Any]], bool],
+             timeout: float = 10) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        for entry in read_log(path):
+            if pred(entry):
+                return entry
+        if time.monotonic() > deadline:
+            pytest.fail(f"no matching line in {path} within {timeout}s: {read_log(path)[-5:]}")
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    """Running, and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def running_with(marker: str) -> list[int]:
+    """Pids whose command line mentions ``marker``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{name}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(name))
+    return found

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from electfsm import clock
 from electfsm.candidate import MUTATIONS, CandidateProcess
 from electfsm.chaos import Lab
 from electfsm.checker import Report
@@ -42,11 +43,11 @@ def pair(lab: Lab, mutation: str | None, **kwargs: Any
 
 def p1(lab: Lab, m: str | None) -> Report:  # leadership goes a -> b -> a
     first, second = pair(lab, m)
-    t = time.monotonic()
+    t = clock.now()
     first.resign()
     lab.wait_leader(timeout=10 * SLACK, exclude=[first], after=t)
     lab.settle(timeout=10 * SLACK)  # first back in line (it re-queues after a pause)
-    t = time.monotonic()
+    t = clock.now()
     second.resign()
     lab.wait_leader(timeout=10 * SLACK, exclude=[second], after=t)
     return lab.finish()
@@ -110,7 +111,7 @@ def p8(lab: Lab, m: str | None) -> Report:
 
 def l1(lab: Lab, m: str | None) -> Report:  # a graceful stop hands over at once
     leader, _ = pair(lab, m)
-    t = time.monotonic()
+    t = clock.now()
     leader.terminate()
     lab.wait_leader(timeout=10 * SLACK, exclude=[leader], after=t)
     gone = logged(leader, 5, after=t, kind="exit_leader")["mono"]  # the leader is gone
@@ -123,7 +124,7 @@ def l2(lab: Lab, m: str | None) -> Report:  # three, the leader killed: who lead
     lab.settle(timeout=15 * SLACK)
     leader.kill()
     lab.wait_leader(timeout=15 * SLACK, exclude=[leader])
-    healed = time.monotonic()
+    healed = clock.now()
     bound = 1.5 * SLACK
     time.sleep(bound + 1.5)
     return lab.finish(settled=(healed, bound))
@@ -131,14 +132,14 @@ def l2(lab: Lab, m: str | None) -> Report:  # three, the leader killed: who lead
 
 def l3(lab: Lab, m: str | None) -> Report:
     pair(lab, m)
-    t = time.monotonic()
+    t = clock.now()
     time.sleep(4.0)
-    return lab.finish(quiet=[(t, time.monotonic())])
+    return lab.finish(quiet=[(t, clock.now())])
 
 
 def l4(lab: Lab, m: str | None) -> Report:  # half-open: the step-down must free the lease
     leader, other = pair(lab, m)
-    t = time.monotonic()
+    t = clock.now()
     lab.link(leader.identity).drop_responses()
     down = logged(leader, 15, after=t, kind="exit_leader", ended_by="session_lost")
     other.wait_for(lambda e: e["kind"] == "enter_leader", 4 * TTL * SLACK, after=t)

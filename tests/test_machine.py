@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from electfsm import (
-    Deposed,
     Elected,
     HookError,
     LeaderInfo,
@@ -126,7 +125,7 @@ def test_exit_leader_runs_once_after_each_enter_and_term_is_cancelled_first(
     h.elect()
     h.inject(Resign())
     h.elect()
-    h.inject(Deposed(reason="key deleted"))
+    h.see_leader(None)  # a newer view without our key: deposed
     h.elect()
     h.inject(SessionLost())
     assert calls.count("enter_leader") == calls.count("exit_leader") == 3
@@ -215,3 +214,196 @@ def test_run_while_leader_work_gets_each_term(h: Harness) -> None:
     tokens = [term.token for _work, term in h.work]
     assert len(tokens) == 2 and tokens[0] < tokens[1]
     assert h.work[0][1].cancelled.is_set() and not h.work[1][1].cancelled.is_set()
+
+
+# ---------------------------------------------------------------- a term never starts dead
+def _other_leads_then_elected_waits(h: Harness) -> Elected:
+    """Connected, another node leads, and our Elected is built but not yet applied."""
+    h.connect()
+    seen = h.see_leader("node-b")
+    return Elected(generation=h.dispatcher.generation, key=h.dispatcher.our_key or "",
+                   create_revision=h.next_revision(), revision=seen.revision + 1)
+
+
+def test_elected_applied_after_the_sessions_deadline_never_enters_leader(h: Harness) -> None:
+    entered: list[object] = []
+    named_us: list[object] = []
+    h.on_enter_leader(entered.append)
+    h.on_leader_change(lambda old, new: named_us.append(new) if new is not None
+                       and new.identity == "node-a" else None)
+    elected = _other_leads_then_elected_waits(h)
+    # The Elected waited in the queue (behind a slow hook) while the deadline passed; the
+    # session's SessionLost is behind it in the queue, not applied yet.
+    h.clock.advance(h.ttl)
+    h.inject(elected)
+    assert h.state != "leader"
+    assert entered == [] and named_us == [] and h.work == []
+    assert h.leader is None or h.leader.identity == "node-b"
+
+
+def test_elected_inside_the_deadline_still_leads(h: Harness) -> None:
+    elected = _other_leads_then_elected_waits(h)
+    h.clock.advance(h.ttl - h.margin - 0.01)
+    h.inject(elected)
+    assert h.state == "leader"
+
+
+def test_leader_hooks_and_work_stop_starting_once_a_slow_hook_outlasts_the_deadline(
+        h: Harness) -> None:
+    ran: list[str] = []
+    named_us: list[object] = []
+    h.on_enter_leader(lambda term: (ran.append("slow"), h.clock.advance(h.ttl)))
+    h.on_enter_leader(lambda term: ran.append("second"))
+    h.on_exit_leader(lambda term: ran.append("exit"))
+    h.on_leader_change(lambda old, new: named_us.append(new) if new is not None else None)
+    h.run_while_leader(lambda term: None)
+    h.connect()
+    h.elect()
+    assert ran == ["slow"], "no leader hook starts with a term past its deadline"
+    assert h.work == []
+    assert named_us == [] and h.leader is None, "a dead term is never announced as leading"
+    h.advance(0)  # the session's SessionLost, queued at the deadline, is applied now
+    assert h.state == "disconnected" and ran == ["slow", "exit"]
+
+
+def test_a_slow_exit_follower_hook_outlasting_the_deadline_never_enters_leader(
+        h: Harness) -> None:
+    calls = record(h)
+    named_us: list[object] = []
+    h.on_leader_change(lambda old, new: named_us.append(new) if new is not None
+                       and new.identity == "node-a" else None)
+    elected = _other_leads_then_elected_waits(h)
+    h.on_exit_follower(lambda change: h.clock.advance(h.ttl))  # etcd paused meanwhile
+    h.inject(elected)
+    assert h.state == "disconnected", "the session ended: it is not led"
+    assert "enter_leader" not in calls and "exit_leader" not in calls
+    assert calls[-2:] == ["exit_follower", "enter_disconnected"]
+    assert named_us == [] and h.work == []
+    h.advance(0)  # the session's own SessionLost, queued behind, changes nothing
+    assert h.state == "disconnected" and calls.count("enter_disconnected") == 1
+
+
+# ---------------------------------------------------------------- non-Exception hook errors
+@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt()])
+def test_a_hook_raising_a_base_exception_stops_the_machine_and_releases(
+        h: Harness, error: BaseException) -> None:
+    calls = record(h)
+    errors: list[BaseException] = []
+    h.on_error(errors.append)
+
+    def boom(term: object) -> None:
+        raise error
+
+    h.on_enter_leader(boom)
+    h.connect()
+    h.elect()
+    assert h.state == "disconnected" and h.dispatcher.stopped
+    assert h.shut_down, "the session is ended (lease revoked, threads stopped)"
+    assert calls.count("enter_leader") == calls.count("exit_leader") == 1
+    assert len(errors) == 1 and isinstance(errors[0], HookError)
+    assert errors[0].cause is error
+
+
+def test_an_on_error_hook_raising_system_exit_stops_the_machine(h: Harness) -> None:
+    def boom(_exc: BaseException) -> None:
+        raise SystemExit(1)
+
+    h.on_error(boom)
+    h.on_enter_candidate(lambda change: 1 / 0)
+    h.connect()
+    assert h.dispatcher.stopped and h.shut_down and h.state == "disconnected"
+
+
+def test_work_that_cannot_start_stops_the_machine_instead_of_leading_idle() -> None:
+    class NoThreads(Harness):
+        def start_work(self, work: object, term: object) -> None:
+            raise RuntimeError("can't start new thread")
+
+    h = NoThreads()
+    errors: list[BaseException] = []
+    h.on_error(errors.append)
+    h.run_while_leader(lambda term: None)
+    h.connect()
+    h.elect()
+    assert h.state == "disconnected" and h.shut_down
+    assert [str(e) for e in errors] == ["can't start new thread"]
+
+
+# ---------------------------------------------------------------- resign bound to its term
+def test_a_resign_meant_for_an_earlier_term_does_not_end_a_later_one(h: Harness) -> None:
+    h.connect()
+    h.elect()
+    assert h.term is not None
+    old = h.term.token
+    h.inject(Resign(token=old))
+    h.elect()
+    assert h.state == "leader" and h.term is not None and h.term.token != old
+    h.inject(Resign(token=old))  # queued in the old term, applied in the new one
+    assert h.state == "leader"
+    assert len(h.resigns) == 1
+
+
+# ---------------------------------------------------------------- pairing and naming, at the edges
+def test_a_later_on_leader_change_hook_does_not_name_us_once_the_term_is_dead(
+        h: Harness) -> None:
+    named: list[tuple[str, bool]] = []
+
+    def slow(old: object, new: LeaderInfo | None) -> None:
+        if new is not None and new.identity == "node-a":
+            h.clock.advance(10.0)  # outlasts the deadline
+
+    def second(old: object, new: LeaderInfo | None) -> None:
+        if new is not None and new.identity == "node-a":
+            named.append(("second", h.term is not None and h.term.valid))
+
+    h.on_leader_change(slow)
+    h.on_leader_change(second)
+    h.connect()
+    h.elect()
+    assert named == []
+
+
+def test_a_term_that_dies_as_it_is_entered_runs_neither_enter_nor_exit_hooks(
+        h: Harness) -> None:
+    h.connect()
+
+    class Ticking(type(h.clock)):  # type: ignore[misc]
+        def __call__(self) -> float:  # each read moves on, as a real clock does
+            self.now += 1e-3
+            return float(self.now)
+
+    deadline = h.deadline(h.dispatcher.generation or 0)
+    for offset in range(1, 8):  # land the deadline between any two reads of the clock
+        h2 = Harness(identity="node-a", ttl=5)
+        got: list[str] = []
+        h2.on_enter_leader(lambda t, got=got: got.append("enter"))
+        h2.on_exit_leader(lambda t, got=got: got.append("exit"))
+        h2.connect()
+        h2.clock.now = deadline - offset * 1e-3 - 1e-4
+        h2.clock.__class__ = Ticking
+        h2.elect()
+        h2.advance(1)
+        assert got in ([], ["enter", "exit"]), (offset, got)
+
+
+def test_exit_hooks_of_an_earlier_term_do_not_run_for_a_term_that_never_began() -> None:
+    class Flaky(Harness):
+        fail = False
+
+        def bind_term(self, term: object) -> None:
+            if self.fail:
+                raise MemoryError("an internal failure while entering")
+            super().bind_term(term)  # type: ignore[arg-type]
+
+    h = Flaky()
+    calls: list[tuple[str, int]] = []
+    h.on_enter_leader(lambda t: calls.append(("enter", t.token)))
+    h.on_exit_leader(lambda t: calls.append(("exit", t.token)))
+    h.connect()
+    h.elect()
+    h.inject(Resign())
+    h.fail = True
+    with pytest.raises(MemoryError):
+        h.elect()
+    h.dispatcher.abort(MemoryError("as the elector's dispatcher thread does"))
+    assert [c[0] for c in calls] == ["enter", "exit"]
