@@ -94,3 +94,20 @@ def test_a_leader_whose_clock_runs_slow_or_fast_steps_down_before_its_lease_expi
     assert report.ok, report.markdown()
     assert report["P5"].metrics["dual_leader_window"] == 0, report.markdown()
     assert b.current_term() is None  # stopped
+
+
+def test_a_scaled_clock_runs_at_its_rate_and_maps_back_onto_the_package_clock() -> None:
+    from electfsm import clock
+    from electfsm.candidate import ScaledClock
+
+    scaled = ScaledClock(0.5)
+    r0, l0 = clock.now(), scaled()
+    time.sleep(0.05)
+    r1, l1, r2 = clock.now(), scaled(), clock.now()
+    assert (r1 - r0) * 0.5 - 1e-3 <= l1 - l0 <= (r2 - r0) * 0.5 + 1e-3
+    assert r1 - 1e-3 <= scaled.real(l1) <= r2 + 1e-3
+    scaled.set_rate(2.0)  # continuous: no jump at the change
+    r3, l3, r4 = clock.now(), scaled(), clock.now()
+    assert l1 <= l3 <= l1 + (r4 - r1) * 2.0 + 1e-3
+    assert r3 - 1e-3 <= scaled.real(l3) <= r4 + 1e-3
+    assert scaled.real(l3 + 1.0) == pytest.approx(scaled.real(l3) + 0.5)
