@@ -834,8 +834,6 @@ KINDS: dict[str, tuple[int, tuple[float, float] | None]] = {
     "stall": (1, None),                 # the leader's work holds the GIL 2 x TTL (S7)
     "blackhole": (3, (1.0, 4.0)),       # the candidate's links hang (S3)
     "half_open": (3, (1.0, 4.0)),       # answers lost, requests land (S10)
-    "leader_half_open": (2, (3.0, 5.0)),  # the same on the leader's link: it must step
-                                        # down and free its lease (L4)
     "reset": (2, (0.5, 3.0)),           # RST + refuse (S4)
     "latency": (2, (2.0, 4.0)),         # 50 +- 20 ms each way (S20)
     "resign": (2, None),                # SIGUSR1 to the leader (resign + proclaim)
@@ -846,6 +844,9 @@ KINDS: dict[str, tuple[int, tuple[float, float] | None]] = {
     "quorum_loss": (2, (0.5, 3.5)),     # SIGSTOP two members (S15)
     "compact": (1, None),               # compact at the current revision (S23)
     "steady": (2, None),                # no fault for 7 s: checks for churn (L3)
+    # --- kinds added after the first runs (CLASSIC_KINDS draws the schedules of before)
+    "leader_half_open": (2, (3.0, 5.0)),  # half-open on the leader's link: it must step
+                                        # down and free its lease (L4)
     # stale attempts: what P2, P3 and P8 exist for
     "pause_write": (2, None),           # the leader's GC pause after the term check, before
                                         # its fenced write (P2: the resource must refuse it)
@@ -862,6 +863,9 @@ KINDS: dict[str, tuple[int, tuple[float, float] | None]] = {
     "compact_resign": (1, None),        # the leader, alone, resigns and wins again across
                                         # a compaction
 }
+#: the kinds of the first chaos runs: ``draw_schedule(..., kinds=CLASSIC_KINDS)`` draws the
+#: very schedules a seed drew then (the kinds after them lengthen a schedule's faults)
+CLASSIC_KINDS = tuple(list(KINDS)[:list(KINDS).index("leader_half_open")])
 #: kinds that act on whoever leads when they fire
 LEADER_KINDS = {"leader_kill", "leader_half_open", "resign", "stall", "pause_write",
                 "pause_txn", "stale_control", "clock_slow", "clock_fast", "busy_follower",
