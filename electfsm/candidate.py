@@ -37,7 +37,23 @@ Linux, so the logs of several processes merge by it), ``wall``, ``pid``, ``ident
 - ``control``: on SIGUSR1 the candidate resigns and tries a guarded proclaim
   (``If(create_revision(key) == token) Then Put(key)``) with its latest term, stale or not;
 - ``stall``: on SIGUSR2 the leader's work callback stalls ``--stall`` seconds, either
-  sleeping (other threads run) or holding the GIL (a stop-the-world pause, like a GC).
+  sleeping (other threads run) or holding the GIL (a stop-the-world pause, like a GC);
+- stale attempts: on ``SIG_PAUSE_BEFORE_WRITE`` the leader's next fenced write stalls after
+  its ``term.valid`` check and is then sent (``sent``, ``stale_attempt=True``); on
+  ``SIG_PAUSE_IN_TXN`` the next guarded append stalls inside ``Elector.fenced_txn``, after
+  its check, before the transaction leaves; on ``SIG_STALE_CONTROL`` the candidate sends a
+  guarded resign and proclaim with its last term (``control`` with ``start``: when the
+  request left), whatever its elector now thinks;
+- ``view``: what ``Elector.leader`` says (``leader``, ``leader_token``) each time it changes;
+- ``clock``: the elector's clocks (session deadline and term validity run on one
+  :class:`ScaledClock`, ``--clock-rate``) change rate on ``SIG_CLOCK_SLOW`` /
+  ``SIG_CLOCK_FAST`` / ``SIG_CLOCK_TRUE``; deadlines are always logged on the real clock;
+- ``hook_raised`` / a ``stall`` in a hook: on ``SIG_HOOK_EXIT`` the next hook raises
+  SystemExit, on ``SIG_SLOW_HOOK`` it sleeps ``--stall`` seconds (the dispatcher is busy).
+
+``transition`` into leader carries ``revision``, the revision that confirmed the election
+(a field, not parsed from the reason). ``--break NAME`` (hidden) turns on one deliberately
+broken behaviour of :data:`MUTATIONS`, for the lab's mutation check only.
 
 Every hook line carries ``hook``, ``thread`` and ``depth`` (hooks running at once in this
 process, 1 unless two ran concurrently). Lines are flushed one by one, so SIGKILL loses at
@@ -62,10 +78,11 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import grpc
 from etcd3 import etcdrpc
 
 from electfsm import clock, ops
@@ -73,16 +90,48 @@ from electfsm.campaign import compare_create
 from electfsm.dispatcher import Change
 from electfsm.elector import Elector
 from electfsm.errors import EtcdError, NotLeaderError
-from electfsm.etcd import EtcdClient
-from electfsm.events import LeaderInfo
+from electfsm.etcd import EtcdClient, prefix_end
+from electfsm.events import Event, LeaderInfo, LeaderSeen
 from electfsm.fenced import FencedClient
 from electfsm.security import Auth
+from electfsm.session import SessionWatch
 from electfsm.term import Term
 
 __all__ = ["CandidateProcess", "EventLog", "event_time", "faketime_problem", "read_events"]
 
-_ELECTED_AT = re.compile(r"revision (\d+)")
 PASSWORD_ENV = "ELECTFSM_CANDIDATE_PASSWORD"
+
+#: Signals a harness sends to ask for one fault (SIGUSR1: control, SIGUSR2: stall in work).
+SIG_PAUSE_BEFORE_WRITE = signal.SIGRTMIN + 1  # a GC pause between the check and the write
+SIG_PAUSE_IN_TXN = signal.SIGRTMIN + 2  # a GC pause inside fenced_txn, after its check
+SIG_STALE_CONTROL = signal.SIGRTMIN + 3  # guarded resign + proclaim with the latest term
+SIG_CLOCK_SLOW = signal.SIGRTMIN + 4  # the elector's clock runs at SLOW_RATE from now on
+SIG_CLOCK_FAST = signal.SIGRTMIN + 5  # ... at FAST_RATE
+SIG_CLOCK_TRUE = signal.SIGRTMIN + 6  # ... at the real rate again
+SIG_SLOW_HOOK = signal.SIGRTMIN + 7  # the next hook sleeps --stall seconds (GIL released)
+SIG_HOOK_EXIT = signal.SIGRTMIN + 8  # the next hook raises SystemExit
+#: Clock-rate skews a harness can ask for: 8 % slow is inside what the default margin of
+#: a 2 s TTL absorbs (1 - 0.25/2 = 0.875); fast only steps down earlier.
+SLOW_RATE, FAST_RATE = 0.92, 1.25
+
+#: Deliberately broken behaviours, one per property, for the lab's mutation check (see
+#: ``MUTATIONS``). Only ``--break`` (a hidden option of this test process) turns one on; the
+#: public API has no way to reach them.
+MUTATIONS = {
+    "P1": "the fencing token is cached from the first term of the process",
+    "P2": "a write after a GC pause borrows the newest leader's token",
+    "P3": "fenced_txn sends its transaction without the fence",
+    "P4": "the work loop skips its term.valid checks",
+    "P5": "the elector's clocks run at half speed (beyond the margin's tolerance)",
+    "P6": "elected is reported at a revision read before our key was created",
+    "P7": "leader-change hooks run on a thread of their own",
+    "P8": "a stale proclaim is sent without its guard",
+    "L1": "stop() leaves the lease to expire instead of revoking it",
+    "L2": "the elector drops every leader report after the first",
+    "L3": "the leader resigns every 1.5 s",
+    "L4": "a lost lease is kept alive by a second keepalive for 3 x TTL",
+    "L5": "stop() leaves a thread running",
+}
 
 
 class EventLog:
@@ -136,12 +185,42 @@ def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- in the process
 
 
+class ScaledClock:
+    """A clock running ``rate`` times as fast as the package clock (:func:`clock.now`) from
+    now on: the clock-rate skew of one process, without ``faketime``. ``real(local)`` maps
+    an instant of this clock back onto the package clock (what the logs use)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._real0 = self._local0 = clock.now()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._local0 + (clock.now() - self._real0) * self.rate
+
+    def set_rate(self, rate: float) -> None:
+        """Run at ``rate`` from now on (the clock stays continuous)."""
+        with self._lock:
+            now = clock.now()
+            self._local0 += (now - self._real0) * self.rate
+            self._real0, self.rate = now, rate
+
+    def real(self, local: float) -> float:
+        """When this clock will read ``local``, on the real clock (at the current rate)."""
+        if local in (float("inf"), float("-inf")):
+            return local
+        with self._lock:
+            return self._real0 + (local - self._local0) / self.rate
+
+
 class Candidate:
     """One elector with logging hooks, a monitor thread and leader work (the process's body)."""
 
     def __init__(self, args: argparse.Namespace, log: EventLog) -> None:
         self.args = args
         self.log = log
+        self.mutation: str | None = args.mutation
         auth = None
         if args.user:
             auth = Auth(user=args.user, password=os.environ.get(PASSWORD_ENV, ""))
@@ -149,6 +228,16 @@ class Candidate:
                                identity=args.identity, ttl=args.ttl, margin=args.margin,
                                call_timeout=args.call_timeout, backoff_max=args.backoff_max,
                                auth=auth)
+        rate = 0.5 if self.mutation == "P5" else args.clock_rate
+        self.clock = ScaledClock(rate)
+        # Every deadline of this elector is measured on this clock: the session's safe_until
+        # (and the watchdog that fires it) and the terms' validity (the dispatcher's clock).
+        # At rate 1 it is the package clock itself.
+        e = self.elector
+        e._session = SessionWatch(e._client, e.config, e._queue.put, clock=self.clock)
+        e._dispatcher.clock = self.clock
+        self._relog = False  # the monitor logs the deadline again (the clock rate changed)
+        self._hook_fault: str | None = None  # "slow" | "exit": the next hook's fault
         self.inc = f"{args.identity}#{os.getpid()}"
         self.fenced = FencedClient(args.fenced, timeout=0.5) if args.fenced else None
         self._raw: EtcdClient | None = None
@@ -157,12 +246,61 @@ class Candidate:
         self._n = 0
         self._depth_lock = threading.Lock()
         self.last_term: Term | None = None
+        self._first_token: int | None = None
         self._stall_token: int | None = None  # the term a requested stall belongs to
+        self._pause: tuple[int, str] | None = None  # (token, "write" | "txn"): a GC pause
+        self._paused_in_txn = False
         self._stall_on_enter = args.stall_on_enter
         self._stopping = threading.Event()
         self._monitor = threading.Thread(target=self._watch_term, daemon=True,
                                          name="candidate-monitor")
+        self._wrap_txn()
+        self._side: list[grpc.Channel] = []  # mutation L4's second connection
+        if self.mutation == "L4":  # a lost lease is not revoked (and see _keep_lost_lease)
+            self.elector._session._revoke = False
+        if self.mutation == "L2":
+            self._deafen()
         self._register()
+
+    def real(self, local: float) -> float:
+        """An instant of the elector's clock on the real monotonic clock (what we log)."""
+        return self.clock.real(local)
+
+    def _wrap_txn(self) -> None:
+        """A requested GC pause inside ``fenced_txn``: after its validity check, before the
+        transaction leaves, so the fence etcd applies is all that stands in the way."""
+        client = self.elector._client
+        send = client.txn
+
+        def txn(compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any] = (),
+                **kwargs: Any) -> Any:
+            pause = self._pause
+            if kwargs.get("what") == "fenced transaction" and pause is not None \
+                    and pause[1] == "txn":
+                self._pause = None
+                self._paused_in_txn = True
+                self._gc_pause(pause[0], "txn")
+                if self.mutation == "P3":
+                    compare = list(compare)[1:]  # the fence dropped
+            return send(compare, success, failure, **kwargs)
+
+        client.txn = txn  # type: ignore[method-assign]
+
+    def _deafen(self) -> None:
+        """Mutation L2: the elector hears who leads once, then nothing more."""
+        sub = self.elector._observer
+        emit = sub._emit
+        heard: list[bool] = []
+
+        def filtered(event: Event) -> None:
+            if isinstance(event, LeaderSeen):
+                if heard:
+                    return
+                if event.leader is not None:
+                    heard.append(True)
+            emit(event)
+
+        sub._emit = filtered
 
     # ------------------------------------------------------------------ hooks
     def _hook(self, name: str, fn: Callable[..., dict[str, Any]]) -> Callable[..., None]:
@@ -172,6 +310,16 @@ class Candidate:
                 self._depth += 1
                 depth = self._depth
             try:
+                fault, self._hook_fault = self._hook_fault, None
+                if fault == "slow":  # the dispatcher is kept busy; other threads run
+                    self.log.write("stall", phase="begin", where=f"hook {name}",
+                                   seconds=self.args.stall, mode="sleep")
+                    time.sleep(self.args.stall)
+                    self.log.write("stall", phase="end", where=f"hook {name}")
+                elif fault == "exit":
+                    self.log.write("hook_raised", hook=name, error="SystemExit",
+                                   state=self.elector.state)
+                    raise SystemExit(3)
                 fields = fn(*args)
                 if fields:
                     kind = fields.pop("kind")
@@ -180,6 +328,12 @@ class Candidate:
             finally:
                 with self._depth_lock:
                     self._depth -= 1
+        if self.mutation == "P7" and name == "leader_change":
+            def off_thread(*args: Any) -> None:
+                t = threading.Thread(target=run, args=args, name="candidate-hook")
+                t.start()
+                t.join()
+            return off_thread
         return run
 
     def _register(self) -> None:
@@ -193,15 +347,18 @@ class Candidate:
         e.on_error(self._hook("error", self._error))
         e.run_while_leader(self._work)
 
-    @staticmethod
-    def _transition(change: Change) -> dict[str, Any]:
+    def _transition(self, change: Change) -> dict[str, Any]:
         fields: dict[str, Any] = {"kind": "transition", "source": change.source,
                                   "dest": change.dest, "trigger": change.trigger,
                                   "reason": change.reason}
         if change.trigger == "elected":
-            m = _ELECTED_AT.search(change.reason)
-            if m:
-                fields["revision"] = int(m.group(1))
+            # the revision of the read or event that confirmed our key first (P6)
+            dispatcher = self.elector._dispatcher
+            revision = int(dispatcher._elected_revision)
+            pending = dispatcher._pending
+            if self.mutation == "P6" and pending is not None:
+                revision = pending.token - 1
+            fields["revision"] = revision
         return fields
 
     def _entered(self, change: Change) -> dict[str, Any]:
@@ -212,12 +369,19 @@ class Candidate:
             return {}
         return self._transition(change)
 
+    def _token(self, term: Term) -> int:
+        if self.mutation == "P1":
+            return self._first_token if self._first_token is not None else term.token
+        return term.token
+
     def _term_fields(self, term: Term) -> dict[str, Any]:
-        return {"token": term.token, "key": term.key, "lease": term.lease,
-                "generation": term.generation, "deadline": term.deadline}
+        return {"token": self._token(term), "key": term.key, "lease": term.lease,
+                "generation": term.generation, "deadline": self.real(term.deadline)}
 
     def _enter_leader(self, term: Term) -> dict[str, Any]:
         self.last_term = term
+        if self._first_token is None:
+            self._first_token = term.token
         fields = {"kind": "enter_leader", **self._term_fields(term)}
         if self._stall_on_enter > 0:
             stall, self._stall_on_enter = self._stall_on_enter, 0.0
@@ -226,14 +390,49 @@ class Candidate:
             _stall(stall, self.args.stall_mode)
             self.log.write("stall", phase="end", where="enter_leader", token=term.token,
                            valid=term.valid)
+        if self.mutation == "L3":
+            threading.Timer(1.5, self._churn, args=(term,)).start()
+        if self.mutation == "L4" and not self._side:
+            self._open_side_channel()
         return fields
 
+    def _churn(self, term: Term) -> None:
+        if self.elector.term is term and not self._stopping.is_set():
+            self.elector.resign(timeout=2.0)
+
     def _exit_leader(self, term: Term) -> dict[str, Any]:
-        return {"kind": "exit_leader", "token": term.token, "key": term.key,
+        if self.mutation == "L4" and term.ended_by == "session_lost" and self._side:
+            threading.Thread(target=self._keep_lost_lease, args=(term.lease,), daemon=True,
+                             name="candidate-stale-keepalive").start()
+        return {"kind": "exit_leader", "token": self._token(term), "key": term.key,
                 "lease": term.lease, "ended_by": term.ended_by}
 
-    @staticmethod
-    def _leader_change(old: LeaderInfo | None, new: LeaderInfo | None) -> dict[str, Any]:
+    def _open_side_channel(self) -> None:
+        """Mutation L4: a second connection, made while the link is healthy (a connection
+        made through a half-open link never completes its handshake)."""
+        channel = grpc.insecure_channel(self.elector.config.hosts[0])
+        with contextlib.suppress(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(channel).result(timeout=2)
+            self._side.append(channel)
+            return
+        channel.close()
+
+    def _keep_lost_lease(self, lease: int) -> None:
+        """Mutation L4: renew a lease the session gave up, for 3 x TTL, on the side
+        connection (on a half-open link the requests still land; nobody reads answers)."""
+        end = clock.now() + 3 * self.args.ttl
+
+        def requests() -> Iterator[Any]:
+            while clock.now() < end and not self._stopping.is_set():
+                yield etcdrpc.LeaseKeepAliveRequest(ID=lease)
+                time.sleep(0.2)
+
+        call = etcdrpc.LeaseStub(self._side[0]).LeaseKeepAlive(requests())
+        self._stopping.wait(3 * self.args.ttl)
+        call.cancel()
+
+    def _leader_change(self, old: LeaderInfo | None, new: LeaderInfo | None
+                       ) -> dict[str, Any]:
         return {"kind": "leader_change", "old": old.identity if old else None,
                 "new": new.identity if new else None,
                 "new_token": new.create_revision if new else None}
@@ -249,6 +448,20 @@ class Candidate:
             self._n += 1
             return self._n
 
+    def _leading_token(self) -> int:
+        """Mutation P2: the token of whoever leads now, read from etcd."""
+        prefix = (self.args.election + "/").encode()
+        with contextlib.suppress(EtcdError):
+            resp = self._raw_client().range(prefix, prefix_end(prefix))
+            return min((int(kv.create_revision) for kv in resp.kvs), default=0)
+        return 0
+
+    def _gc_pause(self, token: int, where: str) -> None:
+        self.log.write("stall", phase="begin", where=where, token=token,
+                       seconds=self.args.stall, mode=self.args.stall_mode)
+        _stall(self.args.stall, self.args.stall_mode)
+        self.log.write("stall", phase="end", where=where, token=token)
+
     def _work(self, term: Term) -> None:
         while not term.cancelled.wait(self.args.work_interval):
             if self._stall_token == term.token:
@@ -258,11 +471,12 @@ class Candidate:
                 _stall(self.args.stall, self.args.stall_mode)
                 self.log.write("stall", phase="end", where="work", token=term.token,
                                valid=term.valid)
-            if not term.valid:
+            if not term.valid and self.mutation != "P4":
                 self.log.write("work_refused", token=term.token, remaining=term.remaining())
                 continue
             n = self._next()
-            self.log.write("work", token=term.token, n=n, deadline=term.deadline)
+            self.log.write("work", token=self._token(term), n=n,
+                           deadline=self.real(term.deadline))
             if self.fenced is not None:
                 self._fenced_write(term, n)
             if self.args.guarded_set:
@@ -270,39 +484,52 @@ class Candidate:
 
     def _fenced_write(self, term: Term, n: int) -> None:
         assert self.fenced is not None
-        if not term.valid:
+        if not term.valid and self.mutation != "P4":
             return
-        start, deadline = clock.now(), term.deadline
+        start, deadline = clock.now(), self.real(term.deadline)
+        token = self._token(term)
+        stale_attempt = False
+        pause = self._pause
+        if pause is not None and pause[0] == term.token and pause[1] == "write":
+            # the classic: the lease was checked, then the process stops the world
+            self._pause = None
+            self._gc_pause(term.token, "write")
+            stale_attempt = True
+            if self.mutation == "P2":
+                token = max(token, self._leading_token())
+        fields: dict[str, Any] = {"token": token, "n": n, "start": start, "deadline": deadline,
+                                  "sent": clock.now(), "stale_attempt": stale_attempt}
         try:
-            ok = self.fenced.write(token=term.token, identity=self.args.identity,
+            ok = self.fenced.write(token=token, identity=self.args.identity,
                                    payload={"inc": self.inc, "n": n})
         except OSError as exc:
-            self.log.write("fenced_write", token=term.token, n=n, start=start,
-                           deadline=deadline, result="error", error=str(exc)[:200])
+            self.log.write("fenced_write", **fields, result="error", error=str(exc)[:200])
             return
-        self.log.write("fenced_write", token=term.token, n=n, start=start, deadline=deadline,
-                       result="accepted" if ok else "rejected")
+        self.log.write("fenced_write", **fields, result="accepted" if ok else "rejected")
 
     def _guarded_append(self, term: Term, n: int) -> None:
-        if not term.valid:
+        if not term.valid and self.mutation != "P4":
             return
         key = f"{self.args.guarded_set}/{self.inc}-{n}"
         value = json.dumps({"token": term.token, "inc": self.inc, "n": n})
-        start, deadline = clock.now(), term.deadline
-        fields: dict[str, Any] = {"token": term.token, "n": n, "key": key, "start": start,
-                                  "deadline": deadline}
+        start, deadline = clock.now(), self.real(term.deadline)
+        fields: dict[str, Any] = {"token": self._token(term), "n": n, "key": key,
+                                  "start": start, "deadline": deadline}
+        self._paused_in_txn = False
         try:
             result = self.elector.fenced_txn(success=[ops.put(key, value)])
         except NotLeaderError as exc:
+            # stale_attempt: refused by etcd's fence, after the local check had passed
             self.log.write("guarded_append", **fields, result="not_leader",
-                           error=str(exc)[:200])
+                           stale_attempt=self._paused_in_txn, error=str(exc)[:200])
             return
         except EtcdError as exc:  # ambiguous: it may or may not have been applied
-            self.log.write("guarded_append", **fields, result="unknown", error=str(exc)[:200])
+            self.log.write("guarded_append", **fields, result="unknown",
+                           stale_attempt=self._paused_in_txn, error=str(exc)[:200])
             return
         self.log.write("guarded_append", **fields,
                        result="ack" if result.succeeded else "failed",
-                       revision=result.revision)
+                       stale_attempt=self._paused_in_txn, revision=result.revision)
 
     # ------------------------------------------------------------------ monitor
     def _watch_term(self) -> None:
@@ -310,6 +537,7 @@ class Candidate:
         deadline = float("-inf")
         was_valid = False
         next_stats = 0.0
+        view: tuple[str | None, int | None] | None = None
         while not self._stopping.wait(self.args.monitor_interval):
             term = self.elector.term
             now = clock.now()
@@ -319,11 +547,21 @@ class Candidate:
                 d = term.deadline
                 if d > deadline and d != float("inf"):
                     deadline = d
-                    self.log.write("renew", token=term.token, deadline=d)
+                    self.log.write("renew", token=self._token(term), deadline=self.real(d))
+            if self._relog and term is not None:
+                self._relog = False
+                self.log.write("renew", token=self._token(term),
+                               deadline=self.real(term.deadline))
             valid = term is not None and term.valid
             if was_valid and not valid:
                 self.log.write("invalid", token=token, state=self.elector.state)
             was_valid = valid
+            leader = self.elector.leader  # what the elector says leads (L2)
+            seen = (leader.identity, leader.create_revision) if leader else (None, None)
+            if seen != view:
+                view = seen
+                self.log.write("view", leader=seen[0], leader_token=seen[1],
+                               state=self.elector.state)
             if now >= next_stats:
                 next_stats = now + 1.0
                 self.log.write("stats", threads=threading.active_count(),
@@ -341,10 +579,60 @@ class Candidate:
             return
         self._stall_token = term.token
 
+    def request_pause(self, where: str) -> None:
+        """A GC pause of ``--stall`` seconds in the current term's next action, after its
+        validity check and before the write leaves (``write``: the fenced write; ``txn``:
+        inside ``fenced_txn``). Ignored (logged) when we do not lead."""
+        term = self.last_term
+        if self.elector.state != "leader" or term is None:
+            self.log.write("stall_ignored", state=self.elector.state, where=where)
+            return
+        self._pause = (term.token, where)
+
+    def set_clock_rate(self, rate: float) -> None:
+        """The elector's clock runs at ``rate`` from now on (a clock-rate skew)."""
+        self.clock.set_rate(rate)
+        self._relog = True
+        self.log.write("clock", rate=rate)
+
+    def arm_hook_fault(self, fault: str) -> None:
+        """The next hook (whichever runs next) sleeps (``slow``) or raises SystemExit."""
+        self._hook_fault = fault
+        self.log.write("hook_fault_armed", fault=fault, state=self.elector.state)
+
+    def _raw_client(self) -> EtcdClient:
+        if self._raw is None:
+            self._raw = EtcdClient(list(self.elector.config.hosts),
+                                   timeout=self.args.call_timeout, auth=self._raw_auth)
+        return self._raw
+
+    def _guarded(self, op: str, term: Term) -> None:
+        """One resign (guarded delete) or proclaim (guarded put) with ``term``, logged with
+        ``start``: the instant the request left."""
+        key = term.key.encode()
+        guard = [compare_create(key, term.token)]
+        if op == "resign":
+            req = etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=key))
+        else:
+            lease = term.lease
+            if self.mutation == "P8":
+                guard, lease = [], 0
+            req = etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(
+                key=key, value=self.args.identity.encode(), lease=lease))
+        start = clock.now()
+        try:
+            resp = self._raw_client().txn(guard, [req], what=f"stale {op}")
+            result = "applied" if resp.succeeded else "rejected"
+            revision = int(resp.header.revision)
+        except EtcdError as exc:
+            result, revision = f"error: {str(exc)[:150]}", 0
+        self.log.write("control", op=op, token=self._token(term), state=self.elector.state,
+                       result=result, revision=revision, start=start)
+
     def control(self) -> None:
         """Resign, then try a guarded proclaim with the latest term (stale or not)."""
         term = self.last_term
-        token = term.token if term is not None else None
+        token = self._token(term) if term is not None else None
         state = self.elector.state
         current = self.elector.term
         self.log.write("control", op="resign", token=token, state=state,
@@ -355,33 +643,34 @@ class Candidate:
         self.log.write("control_done", op="resign", token=token, state=self.elector.state)
         if term is None:
             return
-        if self._raw is None:
-            self._raw = EtcdClient(list(self.elector.config.hosts),
-                                   timeout=self.args.call_timeout, auth=self._raw_auth)
-        key = term.key.encode()
-        start = clock.now()
-        try:
-            resp = self._raw.txn(
-                [compare_create(key, term.token)],
-                [etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(
-                    key=key, value=self.args.identity.encode(), lease=term.lease))],
-                what="stale proclaim")
-            result = "applied" if resp.succeeded else "rejected"
-            revision = int(resp.header.revision)
-        except EtcdError as exc:
-            result, revision = f"error: {str(exc)[:150]}", 0
-        self.log.write("control", op="proclaim", token=token, state=self.elector.state,
-                       result=result, revision=revision, start=start)
+        self._guarded("proclaim", term)
+
+    def stale_control(self) -> None:
+        """A former leader's resign and proclaim, sent with its last term whatever the
+        elector now thinks (as a process paused since then would, before it noticed): etcd's
+        guard must refuse both once a newer term leads."""
+        term = self.last_term
+        if term is None:
+            self.log.write("stall_ignored", state=self.elector.state, where="stale_control")
+            return
+        self._guarded("resign", term)
+        self._guarded("proclaim", term)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.log.write("start", election=self.args.election, ttl=self.args.ttl,
                        margin=self.args.margin, endpoints=self.args.endpoints,
-                       call_timeout=self.args.call_timeout)
+                       call_timeout=self.args.call_timeout, clock_rate=self.clock.rate,
+                       mutation=self.mutation)
         self._monitor.start()
         self.elector.start()
 
     def stop(self, *, revoke: bool = True) -> None:
+        if self.mutation == "L1":
+            revoke = False
+        if self.mutation == "L5":
+            threading.Thread(target=threading.Event().wait, args=(3600,), daemon=True,
+                             name="electfsm-leaked").start()
         self.elector.stop(revoke=revoke)
         self._stopping.set()
         self._monitor.join(2.0)
@@ -451,6 +740,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop when this process is gone (the test that started us)")
     p.add_argument("--user", default=None,
                    help=f"etcd user (password from ${PASSWORD_ENV})")
+    p.add_argument("--clock-rate", type=float, default=1.0,
+                   help="the elector's clocks run this many times as fast as real time")
+    p.add_argument("--break", dest="mutation", choices=sorted(MUTATIONS), default=None,
+                   help=argparse.SUPPRESS)  # the lab's mutation check only
     return p
 
 
@@ -466,6 +759,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The handlers only set flags: the main thread acts on them, so a handler never waits
     # for a lock the interrupted main thread holds (the event log's).
     wake, control, stall = threading.Event(), threading.Event(), threading.Event()
+    pause_write, pause_txn, stale = threading.Event(), threading.Event(), threading.Event()
+    # one flag per requested fault; the main thread runs each fault's action
+    actions: dict[threading.Event, Callable[[], None]] = {
+        flag_event: action for flag_event, action in (
+            (threading.Event(), lambda: candidate.set_clock_rate(SLOW_RATE)),
+            (threading.Event(), lambda: candidate.set_clock_rate(FAST_RATE)),
+            (threading.Event(), lambda: candidate.set_clock_rate(1.0)),
+            (threading.Event(), lambda: candidate.arm_hook_fault("slow")),
+            (threading.Event(), lambda: candidate.arm_hook_fault("exit")))}
 
     def flag(event: threading.Event) -> Callable[..., None]:
         def handler(*_: object) -> None:
@@ -477,6 +779,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, flag(done))
     signal.signal(signal.SIGUSR1, flag(control))
     signal.signal(signal.SIGUSR2, flag(stall))
+    signal.signal(SIG_PAUSE_BEFORE_WRITE, flag(pause_write))
+    signal.signal(SIG_PAUSE_IN_TXN, flag(pause_txn))
+    signal.signal(SIG_STALE_CONTROL, flag(stale))
+    for sig, event in zip((SIG_CLOCK_SLOW, SIG_CLOCK_FAST, SIG_CLOCK_TRUE, SIG_SLOW_HOOK,
+                           SIG_HOOK_EXIT), actions, strict=True):
+        signal.signal(sig, flag(event))
     candidate.start()
     next_check = 0.0
     while not done.is_set():
@@ -488,6 +796,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             if control.is_set():
                 control.clear()
                 candidate.control()
+            if pause_write.is_set():
+                pause_write.clear()
+                candidate.request_pause("write")
+            if pause_txn.is_set():
+                pause_txn.clear()
+                candidate.request_pause("txn")
+            if stale.is_set():
+                stale.clear()
+                candidate.stale_control()
+            for event, action in actions.items():
+                if event.is_set():
+                    event.clear()
+                    action()
         if args.harness_pid and clock.now() >= next_check:
             next_check = clock.now() + 0.5
             if not _alive(args.harness_pid):  # orphaned: never outlive the harness
@@ -520,7 +841,8 @@ class CandidateProcess:
                  fenced: str | None = None, guarded_set: str | None = None,
                  work_interval: float = 0.1, monitor_interval: float = 0.02,
                  stall: float | None = None, stall_mode: str = "gil",
-                 stall_on_enter: float = 0.0, faketime: str | None = None,
+                 stall_on_enter: float = 0.0, clock_rate: float = 1.0,
+                 mutation: str | None = None, faketime: str | None = None,
                  fake_monotonic: bool = False,
                  user: str | None = None, password: str | None = None,
                  harness_log: EventLog | None = None,
@@ -550,6 +872,11 @@ class CandidateProcess:
             args += ["--stall", str(stall)]
         if user:
             args += ["--user", user]
+        if clock_rate != 1.0:
+            args += ["--clock-rate", str(clock_rate)]
+        if mutation is not None:
+            args += ["--break", mutation]
+        self.mutation = mutation
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if faketime and not fake_monotonic:
             self._env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
@@ -650,6 +977,35 @@ class CandidateProcess:
         """SIGUSR2: the next work iteration of the current term stalls (ignored, and logged
         as ``stall_ignored``, when the candidate does not lead)."""
         self.send(signal.SIGUSR2)
+
+    def pause_before_write(self) -> None:
+        """The leader's next fenced write stalls ``stall`` seconds after its validity check,
+        before it is sent (a stop-the-world GC pause after the lease check)."""
+        self.send(SIG_PAUSE_BEFORE_WRITE)
+
+    def pause_in_txn(self) -> None:
+        """The leader's next guarded append stalls inside ``fenced_txn``, after its validity
+        check, before the transaction is sent: only etcd's fence can refuse it then."""
+        self.send(SIG_PAUSE_IN_TXN)
+
+    def stale_control(self) -> None:
+        """A guarded resign and proclaim with the candidate's last term, sent now (ignored,
+        and logged, while that term still leads)."""
+        self.send(SIG_STALE_CONTROL)
+
+    def skew_clock(self, how: str) -> None:
+        """The elector's clock runs ``slow`` (SLOW_RATE), ``fast`` (FAST_RATE) or ``true``
+        from now on."""
+        self.send({"slow": SIG_CLOCK_SLOW, "fast": SIG_CLOCK_FAST,
+                   "true": SIG_CLOCK_TRUE}[how])
+
+    def slow_hook(self) -> None:
+        """The next hook sleeps ``stall`` seconds: the dispatcher is busy, the others run."""
+        self.send(SIG_SLOW_HOOK)
+
+    def hook_exit(self) -> None:
+        """The next hook raises SystemExit."""
+        self.send(SIG_HOOK_EXIT)
 
     def terminate(self, timeout: float = 10.0) -> int | None:
         """SIGCONT + SIGTERM, wait for a clean stop (SIGKILL after ``timeout``)."""

@@ -1,4 +1,4 @@
-"""The safety checker: properties P1-P8 and liveness L1, L3-L5 over recorded histories.
+"""The safety checker: properties P1-P8 and liveness L1-L5 over recorded histories.
 
 Inputs are plain JSON records, so tests can feed synthetic histories:
 
@@ -19,7 +19,13 @@ Inputs are plain JSON records, so tests can feed synthetic histories:
     assert report.ok, report.markdown()
 
 Every property is a pure function (``p1_token_monotonicity(...)`` …) that returns a
-:class:`Result`; ``check`` runs them all. Times are the harness's monotonic clock:
+:class:`Result`; ``check`` runs them all. A property with nothing to check says ``n/a``,
+which :attr:`Report.ok` lets pass; a run names the properties it means to exercise with
+:meth:`Report.require`, and those fail when they are ``n/a``::
+
+    report.require("P2", "P3", "P8")   # a run that checked no stale attempt fails
+
+Times are the harness's monotonic clock:
 ``recv_mono`` when a reader stamped the line (``faketime`` candidates), else ``mono``.
 """
 
@@ -143,6 +149,22 @@ class Report:
                 return r
         raise KeyError(name)
 
+    def require(self, *names: str) -> Report:
+        """Fail each named property that checked nothing (``n/a``): a run that meant to
+        exercise it did not. Unknown names raise KeyError. Returns the report."""
+        for name in names:
+            r = self[name]
+            if r.status == "n/a":
+                r.status = "fail"
+                r.details.append("expected to be exercised, but the run gave it nothing to "
+                                 "check (n/a)")
+        return self
+
+    @property
+    def unexercised(self) -> list[str]:
+        """The properties that checked nothing in this run."""
+        return [r.name for r in self.results if r.status == "n/a"]
+
     def markdown(self) -> str:
         lines = ["| property | status | checked | details |", "|---|---|---|---|"]
         for r in self.results:
@@ -193,6 +215,8 @@ class TermSpan:
     death_at: float = INF
     ended_by: str | None = None
     elected_revision: int | None = None
+    #: the deadline the term had when on_enter_leader began
+    enter_deadline: float | None = None
     acts: list[dict[str, Any]] = attrs.field(factory=list)
 
     @property
@@ -230,6 +254,7 @@ def terms_of(history: Sequence[dict[str, Any]]) -> list[TermSpan]:
                             deadline=real_time(ev, float(ev.get("deadline", -INF))),
                             death_at=deaths.get(inc, INF),
                             elected_revision=elected_rev.pop(inc, None))
+            span.enter_deadline = span.deadline if "deadline" in ev else None
             open_terms[inc] = span
             spans.append(span)
         elif span is not None and ev.get("token") == span.token:
@@ -291,6 +316,7 @@ class EtcdHistory:
     revision, who led the election, and when (harness time) each change was seen."""
 
     def __init__(self, records: Iterable[dict[str, Any]], *, election: str) -> None:
+        records = list(records)
         self.election = election
         self.prefix = (election + "/").encode()
         self.start_revision: int | None = None
@@ -318,10 +344,18 @@ class EtcdHistory:
         # leader timeline: revisions at which the leader changed
         self._lead_revs: list[int] = []
         self._lead_vals: list[dict[str, Any] | None] = []
+        self._lead_times: list[float] = []
+        self._now = -INF  # harness time of the record being applied
+        for rec in records:
+            if rec.get("kind") == "etcd_snapshot" and "mono" in rec:
+                self._now = t_of(rec)
+                break
         cands = {k: kv for k, kv in self._initial.items() if self._is_candidate(k)}
         self._push_leader(self.start_revision or 0, cands)
         for ev in self.events:
             key, rev = ev["key"], int(ev["rev"])
+            if "mono" in ev:
+                self._now = t_of(ev)
             if ev["type"] == "DELETE":
                 before = self.kv_at(key, rev - 1)
                 if before is not None:
@@ -354,6 +388,11 @@ class EtcdHistory:
                 return
         self._lead_revs.append(rev)
         self._lead_vals.append(dict(lead) if lead else None)
+        self._lead_times.append(self._now)
+
+    def leader_timeline(self) -> list[tuple[float, dict[str, Any] | None]]:
+        """``(harness time the recorder saw it, leader kv or None)`` at each change."""
+        return list(zip(self._lead_times, self._lead_vals, strict=True))
 
     def covers(self, rev: int) -> bool:
         """Whether the recorded history knows the state at ``rev``."""
@@ -501,13 +540,22 @@ class EtcdRecorder:
         return True
 
     def sync(self, timeout: float = 5.0) -> bool:
-        """Wait until everything etcd has now is recorded."""
-        try:
-            rev = int(self._client.range(self.prefix, prefix_end(self.prefix),
-                                         limit=1, keys_only=True).header.revision)
-        except EtcdError:
-            return False
-        return self.wait_until(rev, timeout)
+        """Wait until everything etcd has now is recorded; False if it was not in
+        ``timeout``. It writes a marker key under the prefix (``<prefix>.recorded``) and
+        waits for its event: the watch delivers in revision order, so once the marker is
+        recorded so is every earlier change (a range's header revision would not do: writes
+        outside the prefix raise it, and the watch says nothing about those)."""
+        deadline = clock.now() + timeout
+        while True:
+            try:
+                resp = self._client.put(self.prefix + b".recorded", str(time.time()).encode())
+                rev = int(resp.header.revision)
+                break
+            except EtcdError:
+                if clock.now() > deadline:
+                    return False
+                time.sleep(0.1)
+        return self.wait_until(rev, max(0.1, deadline - clock.now()))
 
     def stop(self) -> None:
         self._stop.set()
@@ -552,9 +600,14 @@ def p1_token_monotonicity(spans: Sequence[TermSpan]) -> Result:
 
 
 def p2_no_stale_fenced_write(writes: Sequence[dict[str, Any]],
-                             history: Sequence[dict[str, Any]] = ()) -> Result:
-    """The resource never accepted a token below the highest it had accepted, and every
-    write a candidate saw accepted is in the resource's log as accepted."""
+                             history: Sequence[dict[str, Any]] = (),
+                             spans: Sequence[TermSpan] | None = None) -> Result:
+    """The resource never accepted a token below the highest it had accepted; every write a
+    candidate saw accepted is in the resource's log as accepted (an empty log with accepted
+    writes fails); with ``spans``, every accepted write came from a candidate that held
+    that token. ``checked`` counts the resource's writes; the metrics say how many stale
+    attempts (writes sent after a pause that followed the term check) there were and how
+    many writes the resource rejected as stale."""
     r = Result("P2", "no stale fenced write accepted")
     highest = 0
     stale_rejected = 0
@@ -572,14 +625,29 @@ def p2_no_stale_fenced_write(writes: Sequence[dict[str, Any]],
                 accepted_keys.add((token, str(payload.get("inc")), int(payload.get("n", -1))))
         elif token < highest:
             stale_rejected += 1
-    if writes:
-        for ev in history:
-            if ev.get("kind") == "fenced_write" and ev.get("result") == "accepted":
-                key = (int(ev["token"]), str(ev.get("inc")), int(ev.get("n", -1)))
-                if key not in accepted_keys:
-                    r.fail(f"{ev.get('inc')} saw write {key} accepted; the resource has no "
-                           "such accepted write")
+    seen_accepted = [ev for ev in history
+                     if ev.get("kind") == "fenced_write" and ev.get("result") == "accepted"]
+    if seen_accepted and not writes:
+        r.fail(f"candidates saw {len(seen_accepted)} fenced writes accepted, but the "
+               "resource's log is empty: nothing to cross-check them against")
+    elif writes:
+        for ev in seen_accepted:
+            key = (int(ev["token"]), str(ev.get("inc")), int(ev.get("n", -1)))
+            if key not in accepted_keys:
+                r.fail(f"{ev.get('inc')} saw write {key} accepted; the resource has no "
+                       "such accepted write")
+    if spans is not None:
+        held = {(s.inc, s.token) for s in spans}
+        for token, inc, n in sorted(accepted_keys):
+            if (inc, token) not in held:
+                r.fail(f"the resource accepted write {n} of {inc} with token {token}, a "
+                       "token that candidate never held")
+    attempts = [ev for ev in history
+                if ev.get("kind") == "fenced_write" and ev.get("stale_attempt")]
     r.metrics = {"accepted": sum(1 for w in writes if w.get("accepted")),
+                 "stale_attempts": len(attempts),
+                 "stale_attempts_rejected": sum(1 for ev in attempts
+                                                if ev.get("result") == "rejected"),
                  "stale_rejected": stale_rejected}
     return r.finish()
 
@@ -595,12 +663,15 @@ def p3_no_lost_guarded_updates(history: Sequence[dict[str, Any]], etcd: EtcdHist
         return r.finish()
     prefix = guarded_set + "/"
     state = final if final is not None else etcd.final(prefix) if etcd is not None else {}
-    acks = unknown = refused = 0
+    acks = unknown = refused = stale_attempts = stale_refused = 0
     for ev in history:
         if ev.get("kind") != "guarded_append":
             continue
         key, result = str(ev["key"]), ev.get("result")
         r.checked += 1
+        if ev.get("stale_attempt"):
+            stale_attempts += 1
+            stale_refused += result == "not_leader"
         if result == "ack":
             acks += 1
             kv = state.get(key)
@@ -630,14 +701,20 @@ def p3_no_lost_guarded_updates(history: Sequence[dict[str, Any]], etcd: EtcdHist
                 who = f"{lead['key']}@{lead['create_revision']}" if lead else "nobody"
                 r.fail(f"{key} (token {token}) committed at revision {rev} while {who} led")
     r.metrics = {"acknowledged": acks, "ambiguous": unknown, "refused": refused,
+                 "stale_attempts": stale_attempts, "stale_refused_by_etcd": stale_refused,
                  "final_entries": len(state)}
     return r.finish()
 
 
 def p4_no_work_after_deadline(spans: Sequence[TermSpan]) -> Result:
-    """No leader action began after its term's deadline, exit hook, or loss of validity."""
+    """No leader hook and no leader action began after its term's deadline, exit hook, or
+    loss of validity."""
     r = Result("P4", "no leader work after the local deadline")
     for s in spans:
+        r.checked += 1
+        if s.enter_deadline is not None and s.start > s.enter_deadline:
+            r.fail(f"{s.inc}@{s.token}: on_enter_leader ran at {s.start:.3f}, "
+                   f"{s.start - s.enter_deadline:.3f}s after the term's deadline")
         for act in s.acts:
             r.checked += 1
             began = real_time(act, float(act["start"])) if "start" in act else t_of(act)
@@ -686,17 +763,24 @@ def p5_no_overlap(spans: Sequence[TermSpan], etcd: EtcdHistory | None = None,
 
 def p6_no_phantom_leadership(spans: Sequence[TermSpan], etcd: EtcdHistory | None) -> Result:
     """At the revision that confirmed it, each leader's key existed with its lease and had
-    the lowest create revision of the election."""
+    the lowest create revision of the election. A term that logged no confirming revision,
+    or whose revision the recorded history does not cover, fails: it cannot be verified."""
     r = Result("P6", "no phantom leadership")
     if etcd is None:
         return r.finish()
     unverifiable = 0
     for s in spans:
         rev = s.elected_revision
-        if rev is None or not etcd.covers(rev):
-            unverifiable += 1
-            continue
         r.checked += 1
+        if rev is None:
+            unverifiable += 1
+            r.fail(f"{s.inc}@{s.token} logged no revision confirming its election")
+            continue
+        if not etcd.covers(rev):
+            unverifiable += 1
+            r.fail(f"{s.inc}@{s.token} was confirmed at revision {rev}, which the recorded "
+                   "etcd history does not cover")
+            continue
         kv = etcd.kv_at(s.key, rev)
         if kv is None:
             r.fail(f"{s.inc} became leader with {s.key} confirmed at revision {rev}, "
@@ -766,18 +850,22 @@ def p7_legal_transitions(history: Sequence[dict[str, Any]]) -> Result:
 
 def p8_stale_control_rejected(history: Sequence[dict[str, Any]], spans: Sequence[TermSpan],
                               etcd: EtcdHistory | None, *, window: float = 3.0) -> Result:
-    """A resign/proclaim issued with a stale token never succeeds and never touches the key
-    of a newer term while that term lasts."""
+    """A resign/proclaim issued with a stale token (a newer term had begun when it was sent)
+    never succeeds and never touches the key of a newer term while that term lasts, from
+    the moment the request left (``start``). ``checked`` counts stale requests only."""
     r = Result("P8", "stale resign/proclaim rejected")
+    controls = 0
     for ev in history:
         if ev.get("kind") != "control" or ev.get("token") is None:
             continue
-        t, token = t_of(ev), int(ev["token"])
-        began = real_time(ev, float(ev["start"])) if "start" in ev else t
+        controls += 1
+        token = int(ev["token"])
+        began = real_time(ev, float(ev["start"])) if "start" in ev else t_of(ev)
+        t = began
         newer = [s for s in spans if s.token > token and s.start <= began]
-        r.checked += 1
         if not newer:
             continue  # not stale
+        r.checked += 1
         if ev.get("op") == "proclaim" and ev.get("result") == "applied":
             r.fail(f"{ev['inc']}: stale proclaim with token {token} was applied after "
                    f"token {max(s.token for s in newer)} led")
@@ -786,14 +874,15 @@ def p8_stale_control_rejected(history: Sequence[dict[str, Any]], spans: Sequence
         for s in newer:
             for touch in etcd.touches(s.key, s.token):
                 tt = t_of(touch)
-                if t <= tt <= min(s.known_end, t + window) and touch["type"] == "DELETE":
+                if t <= tt < min(s.known_end, t + window) and touch["type"] == "DELETE":
                     r.fail(f"{s.inc}'s key {s.key} was deleted at {tt:.3f} while it led, "
                            f"{tt - t:.3f}s after a stale {ev.get('op')} by {ev['inc']}")
-                if (t <= tt <= s.known_end and touch["type"] == "PUT"
+                if (t <= tt < s.known_end and touch["type"] == "PUT"
                         and int(touch.get("create_revision", 0)) == s.token
                         and int(touch["rev"]) != s.token):
                     r.fail(f"{s.inc}'s key {s.key} was overwritten at revision "
                            f"{touch['rev']} after a stale {ev.get('op')} by {ev['inc']}")
+    r.metrics = {"controls": controls, "stale": r.checked}
     return r.finish()
 
 
@@ -814,6 +903,72 @@ def l1_progress(spans: Sequence[TermSpan], heals: Sequence[tuple[float, float]],
             r.fail(f"no leader within {bound:.2f}s of the heal at {t:.3f} "
                    f"(first after {first - t:.2f}s)")
     r.metrics = {"max_delay": round(max(delays, default=0.0), 3)}
+    return r.finish()
+
+
+def l2_knows_the_leader(history: Sequence[dict[str, Any]], etcd: EtcdHistory | None,
+                        settled: tuple[float, float] | None, until: float) -> Result:
+    """After the last fault healed at ``t`` (``settled = (t, bound)``), every live
+    candidate's view of the leader (``view`` events: what ``Elector.leader`` said) equals
+    etcd's first key within ``bound`` of each change of etcd's leader (or of ``t``), as long
+    as that leader lasts longer than ``bound`` and before ``until`` (when the run began to
+    stop its candidates). One item per candidate and leader."""
+    r = Result("L2", "every live candidate knows who leads")
+    if etcd is None or settled is None:
+        return r.finish()
+    heal, bound = settled
+    born: dict[str, float] = {}
+    gone: dict[str, float] = {}
+    views: dict[str, list[tuple[float, int | None]]] = defaultdict(list)
+    for ev in history:
+        inc, kind = ev.get("inc"), ev.get("kind")
+        if inc is None:
+            continue
+        t = t_of(ev)
+        if kind == "start":
+            born.setdefault(inc, t)
+        elif kind in ("killed", "stopped", "orphaned"):
+            gone[inc] = min(gone.get(inc, INF), t)
+        elif kind == "view":
+            tok = ev.get("leader_token")
+            views[inc].append((t, int(tok) if tok is not None else None))
+    timeline = etcd.leader_timeline()
+    lags: list[float] = []
+    for i, (a, lead) in enumerate(timeline):
+        b = timeline[i + 1][0] if i + 1 < len(timeline) else INF
+        start, stop = max(a, heal), min(b, until)
+        if stop - start <= bound:
+            continue
+        at = start + bound
+        want = int(lead["create_revision"]) if lead is not None else None
+        for inc, t0 in born.items():
+            if t0 > start or gone.get(inc, INF) <= at:
+                continue
+            r.checked += 1
+            seen = [(t, tok) for t, tok in views[inc] if t <= at]
+            have = seen[-1][1] if seen else None
+            if have != want:
+                who = f"{lead['key']}@{want}" if lead else "nobody"
+                r.fail(f"{inc} still saw token {have} {bound:.2f}s after etcd's leader "
+                       f"became {who} (at {start:.3f})")
+                continue
+            first = next((t for t, tok in reversed(seen) if tok != want), None)
+            caught = next((t for t, tok in seen if tok == want and (first is None
+                                                                    or t > first)), at)
+            lags.append(max(0.0, caught - start))
+    r.metrics = {"max_lag": round(max(lags, default=0.0), 3)}
+    return r.finish()
+
+
+def history_complete(caught_up: bool | None) -> Result:
+    """The etcd recorder caught up with etcd before the checks ran (``None``: not asked)."""
+    r = Result("H", "etcd history recorded to the end")
+    if caught_up is None:
+        return r.finish()
+    r.checked = 1
+    if not caught_up:
+        r.fail("the etcd recorder had not caught up with etcd's revision when the run "
+               "ended: the properties over etcd's history would check a prefix of it")
     return r.finish()
 
 
@@ -861,7 +1016,13 @@ def l5_no_leaks(history: Sequence[dict[str, Any]], *, keys: Sequence[str] | None
             if ev.get("leftover"):
                 r.fail(f"{ev['inc']} left threads running after stop(): {ev['leftover']}")
         elif ev.get("kind") == "stats":
-            n = len(ev.get("electfsm_threads", []))
+            names = list(ev.get("electfsm_threads", []))
+            if (any(x.startswith("electfsm-session[") for x in names)
+                    and not any(x.startswith("electfsm-dispatch[") for x in names)):
+                r.checked += 1
+                r.fail(f"{ev['inc']}'s dispatcher is gone while its session still renews the "
+                       f"lease: {names}")
+            n = len(names)
             if n > max_threads:
                 r.checked += 1
                 r.fail(f"{ev['inc']} ran {n} electfsm threads: {ev['electfsm_threads']}")
@@ -885,14 +1046,21 @@ def check(history: Sequence[dict[str, Any]], *, resource: Sequence[dict[str, Any
           heals: Sequence[tuple[float, float]] = (), quiet: Sequence[tuple[float, float]] = (),
           stepdowns: Sequence[tuple[float, float]] = (),
           leftover_keys: Sequence[str] | None = None,
-          leftover_leases: Sequence[int] | None = None) -> Report:
-    """Run every property over one run's records."""
+          leftover_leases: Sequence[int] | None = None,
+          settled: tuple[float, float] | None = None,
+          etcd_caught_up: bool | None = None) -> Report:
+    """Run every property over one run's records.
+
+    ``settled = (t, bound)``: the last fault healed at ``t``; from then on every live
+    candidate must know etcd's leader within ``bound`` (L2), until the harness's
+    ``finishing`` note (or the end of the history)."""
     history = sorted(history, key=t_of)
     spans = terms_of(history)
     end = max((t_of(ev) for ev in history), default=0.0)
+    until = min((t_of(ev) for ev in history if ev.get("kind") == "finishing"), default=end)
     results = [
         p1_token_monotonicity(spans),
-        p2_no_stale_fenced_write(resource, history),
+        p2_no_stale_fenced_write(resource, history, spans),
         p3_no_lost_guarded_updates(history, etcd, guarded_set, final_set),
         p4_no_work_after_deadline(spans),
         p5_no_overlap(spans, etcd, bounded=bounded),
@@ -900,9 +1068,11 @@ def check(history: Sequence[dict[str, Any]], *, resource: Sequence[dict[str, Any
         p7_legal_transitions(history),
         p8_stale_control_rejected(history, spans, etcd),
         l1_progress(spans, heals, end),
+        l2_knows_the_leader(history, etcd, settled, until),
         l3_no_churn(history, quiet),
         l4_no_stuck_lease(spans, stepdowns, end),
         l5_no_leaks(history, keys=leftover_keys, leases=leftover_leases),
+        history_complete(etcd_caught_up),
     ]
     transitions = sum(1 for ev in history if ev.get("kind") == "transition")
     metrics: dict[str, Any] = {
@@ -914,6 +1084,8 @@ def check(history: Sequence[dict[str, Any]], *, resource: Sequence[dict[str, Any
         "fenced_accepted": results[1].metrics.get("accepted", 0),
         "stale_fenced_rejected": results[1].metrics.get("stale_rejected", 0),
         "guarded_acknowledged": results[2].metrics.get("acknowledged", 0),
+        "guarded_refused": results[2].metrics.get("refused", 0),
+        "stale_controls": results[7].metrics.get("stale", 0),
     }
     return Report(results=results, metrics=metrics)
 

@@ -57,6 +57,8 @@ def clean() -> dict[str, Any]:
         ev(A, "start", 0.0), ev(B, "start", 0.1),
         tr(A, 0.5, "disconnected", "candidate", "session_up"),
         tr(B, 0.6, "disconnected", "candidate", "session_up"),
+        ev(A, "view", 1.0, leader="a", leader_token=10),
+        ev(B, "view", 1.1, leader="a", leader_token=10),
         tr(A, 1.0, "candidate", "leader", "elected", revision=12),
         hook(A, "enter_leader", 1.0, token=10, key=KA, lease=0xA, generation=1, deadline=2.75),
         tr(B, 1.1, "candidate", "follower", "leader_seen"),
@@ -70,7 +72,11 @@ def clean() -> dict[str, Any]:
         hook(A, "exit_leader", 4.0, token=10, key=KA, lease=0xA, ended_by="session_lost"),
         tr(A, 4.0, "leader", "disconnected", "session_lost"),
         ev(A, "invalid", 4.01, token=10, state="disconnected"),
+        ev(A, "view", 4.0, leader=None, leader_token=None),
+        ev(B, "view", 4.3, leader=None, leader_token=None),
         tr(B, 4.34, "follower", "candidate", "leader_gone"),
+        ev(B, "view", 4.35, leader="b", leader_token=12),
+        ev(A, "view", 4.6, leader="b", leader_token=12),
         tr(B, 4.35, "candidate", "leader", "elected", revision=15),
         hook(B, "enter_leader", 4.35, token=12, key=KB, lease=0xB, generation=1,
              deadline=6.0),
@@ -81,6 +87,9 @@ def clean() -> dict[str, Any]:
            deadline=6.0, result="ack", revision=16),
         ev(B, "renew", 5.0, token=12, deadline=7.5),
         ev(B, "control", 5.5, op="proclaim", token=12, start=5.45, result="applied"),
+        # a's paused term, back: its guarded resign and proclaim are refused
+        ev(A, "control", 5.62, op="resign", token=10, start=5.6, result="rejected"),
+        ev(A, "control", 5.65, op="proclaim", token=10, start=5.63, result="rejected"),
         hook(B, "exit_leader", 8.0, token=12, key=KB, lease=0xB, ended_by="stop"),
         tr(B, 8.0, "leader", "disconnected", "stop"),
         ev(B, "stopped", 8.1, leftover=[]),
@@ -112,7 +121,8 @@ def run(world: dict[str, Any], **kwargs: Any) -> Report:
 
 def test_the_clean_history_passes_every_property() -> None:
     report = run(clean(), heals=[(3.0, 2.6)], quiet=[(5.0, 7.9)], stepdowns=[(4.0, 2.6)],
-                 leftover_keys=[], leftover_leases=[])
+                 leftover_keys=[], leftover_leases=[], settled=(4.5, 0.5),
+                 etcd_caught_up=True)
     assert report.ok, report.markdown()
     assert all(r.status == "pass" for r in report.results), report.markdown()
     assert report.metrics["dual_leader_window"] == 0
@@ -351,3 +361,101 @@ def test_the_fenced_resource_rejects_tokens_below_the_highest_it_accepted(tmp_pa
     assert checker.p2_no_stale_fenced_write(records).status == "pass"
     records[-1]["accepted"] = True  # as if it had taken the stale write
     assert checker.p2_no_stale_fenced_write(records).status == "fail"
+
+
+def test_require_fails_a_property_a_run_meant_to_exercise_but_did_not() -> None:
+    report = run(clean())  # no heals given: L1 checks nothing
+    assert report["L1"].status == "n/a" and report.ok
+    assert "L1" in report.unexercised
+    report.require("P2", "L1")
+    assert report["P2"].status == "pass"
+    assert "expected to be exercised" in fails(report, "L1")
+    assert not report.ok
+    with pytest.raises(KeyError):
+        report.require("P9")
+
+
+def test_p2_fails_accepted_writes_when_the_resource_log_is_empty() -> None:
+    def f(w: dict[str, Any]) -> None:
+        w["resource"] = []
+    assert "resource's log is empty" in fails(run(mutate(f)), "P2")
+
+
+def test_p2_flags_a_write_accepted_with_a_token_its_writer_never_held() -> None:
+    def f(w: dict[str, Any]) -> None:  # a writes with b's token after b took over
+        w["resource"].append({"kind": "resource_write", "mono": 4.6, "wall": 0, "token": 12,
+                              "identity": "a", "payload": {"inc": A, "n": 3},
+                              "accepted": True, "highest_before": 12})
+    assert "never held" in fails(run(mutate(f)), "P2")
+
+
+def test_p2_and_p3_count_the_stale_attempts_and_their_refusals() -> None:
+    def f(w: dict[str, Any]) -> None:  # a's write after a pause past its term
+        w["history"].append(ev(A, "fenced_write", 4.6, token=10, n=4, start=3.0, sent=4.59,
+                               deadline=3.4, stale_attempt=True, result="rejected"))
+        w["resource"].append({"kind": "resource_write", "mono": 4.595, "wall": 0,
+                              "token": 10, "identity": "a", "payload": {"inc": A, "n": 4},
+                              "accepted": False, "highest_before": 12})
+        w["history"].append(ev(A, "guarded_append", 4.7, token=10, n=5, key=f"{SET}/{A}-5",
+                               start=3.1, deadline=3.4, stale_attempt=True,
+                               result="not_leader"))
+    report = run(mutate(f))
+    assert report.ok, report.markdown()
+    assert report["P2"].metrics["stale_attempts"] == 1
+    assert report["P2"].metrics["stale_attempts_rejected"] == 1
+    assert report["P2"].metrics["stale_rejected"] == 1
+    assert report["P3"].metrics["stale_refused_by_etcd"] == 1
+
+
+def test_p6_fails_a_term_whose_confirming_revision_is_unknown() -> None:
+    def f(w: dict[str, Any]) -> None:
+        for e in w["history"]:
+            if e.get("inc") == B and e.get("trigger") == "elected":
+                del e["revision"]
+    assert "logged no revision" in fails(run(mutate(f)), "P6")
+
+    def g(w: dict[str, Any]) -> None:
+        w["etcd"].append({"kind": "etcd_gap", "from": 14, "to": 16, "mono": 4.4})
+    assert "does not cover" in fails(run(mutate(g)), "P6")
+
+
+def test_p8_counts_only_stale_requests() -> None:
+    report = run(clean())
+    assert report["P8"].checked == 2  # a's two, not b's own proclaim
+    assert report["P8"].metrics == {"controls": 3, "stale": 2}
+
+
+def test_p8_window_starts_when_the_request_left_not_when_it_was_logged() -> None:
+    def f(w: dict[str, Any]) -> None:  # the delete lands between the send and the log line
+        w["etcd"].append(delete(18, KB, 5.61))
+        w["etcd"].append(put(19, KB, 5.7, lease=0xB, value="b"))
+    assert "deleted at 5.610" in fails(run(mutate(f)), "P8")
+
+
+def test_l2_flags_a_candidate_whose_view_lags_etcds_leader() -> None:
+    def f(w: dict[str, Any]) -> None:
+        w["history"].remove(next(e for e in w["history"] if e.get("inc") == A
+                                 and e["kind"] == "view" and e.get("leader") == "b"))
+    assert "still saw token None" in fails(run(mutate(f), settled=(4.5, 0.5)), "L2")
+    assert run(clean(), settled=(4.5, 0.5))["L2"].checked == 2
+
+
+def test_an_etcd_history_that_did_not_catch_up_fails_the_run() -> None:
+    assert "had not caught up" in fails(run(clean(), etcd_caught_up=False), "H")
+    assert run(clean(), etcd_caught_up=True)["H"].status == "pass"
+
+
+def test_p4_flags_a_leader_hook_begun_after_the_terms_deadline() -> None:
+    def f(w: dict[str, Any]) -> None:  # an elected applied late, behind a slow hook
+        find(w, B, "enter_leader")["deadline"] = 4.2
+    assert "on_enter_leader ran at 4.350" in fails(run(mutate(f)), "P4")
+
+
+def test_l5_flags_a_dispatcher_gone_while_the_session_renews() -> None:
+    def f(w: dict[str, Any]) -> None:
+        w["history"].append(ev(A, "stats", 3.0, threads=5, state="leader",
+                               electfsm_threads=["electfsm-session[e]"]))
+    assert "dispatcher is gone" in fails(run(mutate(f)), "L5")
+    assert run(mutate(lambda w: w["history"].append(
+        ev(A, "stats", 3.0, threads=5, state="leader",
+           electfsm_threads=["electfsm-dispatch[e]", "electfsm-session[e]"]))))["L5"].ok
