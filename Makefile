@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m electfsm.demo
+	$(PY) -m electfsm.cli.demo
 
 test: $(STAMP)
 	$(PY) -m ruff check electfsm tests bench examples

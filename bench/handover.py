@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from electfsm import Elector
-from electfsm.campaign import is_candidate_key
-from electfsm.embedded import LocalEtcd
-from electfsm.etcd import EtcdClient, prefix_end
+from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.sources.campaign import is_candidate_key
+from electfsm.testing.local_etcd import LocalEtcd
 
 ROOT = Path(__file__).resolve().parent.parent
 

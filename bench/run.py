@@ -27,7 +27,7 @@ import scale  # noqa: E402
 import stepdown  # noqa: E402
 from common import fmt_ms, fmt_s, stats  # noqa: E402
 
-from electfsm.embedded import LocalEtcd  # noqa: E402
+from electfsm.testing.local_etcd import LocalEtcd  # noqa: E402
 
 
 def idle(endpoint: str, client_url: str, electors: int) -> dict[str, object]:
@@ -186,7 +186,7 @@ def main() -> int:
 
         print("dispatch…", flush=True)
         d = dispatch.run()
-        lines += ["## 5. Dispatch (the machine alone, through electfsm.testing)", "",
+        lines += ["## 5. Dispatch (the machine alone, through electfsm.testing.harness)", "",
                   "| what | per second | one transition | ratio |", "|---|---|---|---|",
                   f"| bare `transitions.Machine` (baseline) | {d['bare_per_s']:,.0f} | "
                   f"{d['bare_transition_s'] * 1e6:.1f} µs | 1.0x |",

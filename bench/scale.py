@@ -108,8 +108,8 @@ def next_leader(workers: list[Worker], after: float, timeout: float = 60) -> dic
 def watch_deletes(endpoint: str, election: str) -> tuple[queue.Queue[float], Any, Any]:
     """A raw watcher that timestamps each candidate key's DELETE (a lease expiry, in a crash
     round): the failover after it is the part that depends on N."""
-    from electfsm.campaign import is_candidate_key
-    from electfsm.etcd import EtcdClient, prefix_end
+    from electfsm.etcd.client import EtcdClient, prefix_end
+    from electfsm.sources.campaign import is_candidate_key
 
     client = EtcdClient([endpoint], timeout=5)
     prefix = (election + "/").encode()
@@ -199,7 +199,7 @@ def run(endpoint: str, client_url: str, n: int, ttl: int = 5, rounds: int = 5,
 
 
 if __name__ == "__main__":
-    from electfsm.embedded import LocalEtcd
+    from electfsm.testing.local_etcd import LocalEtcd
 
     with LocalEtcd() as etcd:
         for n in [int(x) for x in (sys.argv[1:] or ["3", "100"])]:

@@ -18,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from electfsm.embedded import LocalEtcd  # noqa: E402
+from electfsm.testing.local_etcd import LocalEtcd  # noqa: E402
 
 
 def idle(endpoint: str, client_url: str, electors: int, *, session: bool, ttl: int,

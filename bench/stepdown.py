@@ -9,9 +9,9 @@ import threading
 import time
 
 from electfsm import Elector
-from electfsm.embedded import LocalEtcd
-from electfsm.etcd import EtcdClient
-from electfsm.faultproxy import FaultProxy
+from electfsm.etcd.client import EtcdClient
+from electfsm.testing.faultproxy import FaultProxy
+from electfsm.testing.local_etcd import LocalEtcd
 
 
 def one(etcd: LocalEtcd, ttl: int, run: int) -> tuple[float, float]:

@@ -33,6 +33,7 @@ from electfsm.errors import (
     NotLeaderError,
     PermissionDenied,
 )
+from electfsm.etcd.security import TLS, Auth
 from electfsm.events import (
     Elected,
     ErrorReported,
@@ -44,7 +45,6 @@ from electfsm.events import (
     Stop,
 )
 from electfsm.machine import STATES, TABLE, State
-from electfsm.security import TLS, Auth
 from electfsm.sessions import Session
 from electfsm.term import Term
 

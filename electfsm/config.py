@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 
 from electfsm.errors import ConfigError
-from electfsm.security import TLS, Auth
+from electfsm.etcd.security import TLS, Auth
 
 #: etcd refuses requests over 1.5 MiB by default; the identity is the value of our key.
 MAX_IDENTITY_BYTES = 1024 * 1024

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from electfsm import clock, logs
-from electfsm.campaign import compare_create, op_range
 from electfsm.config import ElectorConfig
 from electfsm.dispatcher import Dispatcher, Telemetry
 from electfsm.errors import (
@@ -22,13 +21,14 @@ from electfsm.errors import (
     EtcdError,
     NotLeaderError,
 )
-from electfsm.etcd import EtcdClient
+from electfsm.etcd.client import EtcdClient
+from electfsm.etcd.security import TLS, Auth
 from electfsm.events import ErrorReported, Event, LeaderInfo, Resign, Stop
 from electfsm.hooks import HookMethods, Hooks
 from electfsm.machine import State
-from electfsm.observe import Subscription
-from electfsm.security import TLS, Auth
-from electfsm.session import Member, SessionWatch
+from electfsm.sources.campaign import compare_create, op_range
+from electfsm.sources.observe import Subscription
+from electfsm.sources.session import Member, SessionWatch
 from electfsm.term import Term
 
 if TYPE_CHECKING:

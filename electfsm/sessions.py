@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING
 from electfsm import clock
 from electfsm.config import ElectorConfig
 from electfsm.errors import ConfigError, ElectorStopped
-from electfsm.etcd import EtcdClient
-from electfsm.security import TLS, Auth
-from electfsm.session import SessionWatch
+from electfsm.etcd.client import EtcdClient
+from electfsm.etcd.security import TLS, Auth
+from electfsm.sources.session import SessionWatch
 
 if TYPE_CHECKING:
     from electfsm.elector import Elector

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from electfsm.campaign import is_candidate_key
-from electfsm.etcd import EtcdClient, prefix_end
+from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.sources.campaign import is_candidate_key
 
 
 def clean_env(**extra: str) -> dict[str, str]:

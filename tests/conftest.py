@@ -1,11 +1,11 @@
-"""Shared fixtures: real etcd servers (electfsm.embedded.LocalEtcd) and per-test election names.
+"""Shared fixtures: real etcd servers (electfsm.testing.LocalEtcd) and per-test election names.
 
 Timing: every scheduling allowance in the tests (how late a hook may run after its deadline,
 the tolerance above a TTL for a failover, how long a test waits for something) is multiplied
 by ``ELECTFSM_TEST_SLACK`` (float, default 1; see tests/scenario_kit.py). A loaded CI runner
 sets e.g. ``ELECTFSM_TEST_SLACK=3``; the bounds' physics (TTL, margin, etcd's election
 timeout) is not scaled. The test etcd servers use 25/250 ms raft heartbeat/election timeout
-(electfsm.embedded.RAFT_HEARTBEAT_MS): steady through 150 ms stalls of their raft leader,
+(electfsm.testing.local_etcd.RAFT_HEARTBEAT_MS): steady through 150 ms stalls of their raft leader,
 where 10/100 ms elected a new raft leader after most of them.
 """
 
@@ -22,8 +22,8 @@ import pytest
 from cli_kit import Proc
 from scenario_kit import SLACK, SLACK_ENV, TTL
 
-from electfsm.chaos import Lab
-from electfsm.embedded import (
+from electfsm.chaos.lab import Lab
+from electfsm.testing.local_etcd import (
     RAFT_ELECTION_MS,
     RAFT_HEARTBEAT_MS,
     LocalEtcd,
@@ -76,7 +76,7 @@ def election(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def make_lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Lab]]:
     """``make_lab(endpoints=None, **Lab kwargs)``: a started fault-injection lab
-    (:class:`electfsm.chaos.Lab`) on the given endpoints, else on the session's etcd; its
+    (:class:`electfsm.chaos.lab.Lab`) on the given endpoints, else on the session's etcd; its
     candidates' TTL is ``scenario_kit.TTL`` unless given."""
     labs: list[Lab] = []
 

@@ -17,12 +17,12 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from electfsm.candidate import CandidateProcess
-from electfsm.chaos import Lab
-from electfsm.checker import Report
+from electfsm.chaos.candidate import CandidateProcess
+from electfsm.chaos.checker import Report
+from electfsm.chaos.lab import Lab
 from electfsm.config import default_margin
-from electfsm.embedded import ELECTION_TIMEOUT
 from electfsm.errors import EtcdError
+from electfsm.testing.local_etcd import ELECTION_TIMEOUT
 
 MakeLab = Callable[..., Lab]
 
@@ -54,7 +54,7 @@ MARGIN = default_margin(TTL)
 #: revision, the transition table, leaks (keys and leases checked after every stop)
 WORKING = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "L5")
 
-#: etcd's raft election timeout in the test servers (seconds; see electfsm.embedded)
+#: etcd's raft election timeout in the test servers (seconds; see electfsm.testing.local_etcd)
 ELECTION = ELECTION_TIMEOUT
 
 

@@ -13,8 +13,8 @@ import pytest
 
 from electfsm import Elector, LeaderInfo, Term, clock
 from electfsm.aio import AsyncElector
-from electfsm.embedded import LocalEtcd
-from electfsm.etcd import EtcdClient, prefix_end
+from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.testing.local_etcd import LocalEtcd
 
 # A hung trio run would not be interrupted by a signal: the thread method ends the run.
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90, method="thread")]
@@ -238,7 +238,7 @@ async def test_the_loop_is_never_blocked_by_the_elector(etcd: LocalEtcd,
 
 async def test_a_blackholed_leaders_body_is_cancelled_before_another_candidate_leads(
         etcd: LocalEtcd, election: str) -> None:
-    from electfsm.faultproxy import FaultProxy
+    from electfsm.testing.faultproxy import FaultProxy
 
     marks: dict[str, float] = {}
     proxy = FaultProxy(etcd.endpoint).start()

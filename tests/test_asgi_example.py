@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from electfsm.embedded import LocalEtcd, free_port
+from electfsm.testing.local_etcd import LocalEtcd, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
 """The lab's mutation check: for each property, one deliberately broken candidate or elector
-behaviour (``python -m electfsm.candidate --break NAME``, a hidden option of the test
-process, see ``electfsm.candidate.MUTATIONS``) makes a real run report that property as
+behaviour (``python -m electfsm.chaos.candidate --break NAME``, a hidden option of the test
+process, see ``electfsm.chaos.candidate.MUTATIONS``) makes a real run report that property as
 failed, and the same run without the break passes it. A property no break can fail would be
 no evidence."""
 
@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from electfsm import clock
-from electfsm.candidate import MUTATIONS, CandidateProcess
-from electfsm.chaos import Lab
-from electfsm.checker import Report
+from electfsm.chaos.candidate import MUTATIONS, CandidateProcess
+from electfsm.chaos.checker import Report
+from electfsm.chaos.lab import Lab
 
 MakeLab = Callable[..., Lab]
 TTL = 2

@@ -1,4 +1,4 @@
-"""electfsm.checker on synthetic histories: every property passes a clean run and flags a
+"""electfsm.chaos.checker on synthetic histories: every property passes a clean run and flags a
 crafted violation (so no property is one that cannot fail)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from electfsm import checker
-from electfsm.checker import EtcdHistory, Report, check, terms_of
+from electfsm.chaos import checker
+from electfsm.chaos.checker import EtcdHistory, Report, check, terms_of
 
 E = "e"  # the election
 SET = "s"  # the guarded set
@@ -343,7 +343,7 @@ def test_report_renders_markdown_and_json() -> None:
 
 def test_the_fenced_resource_rejects_tokens_below_the_highest_it_accepted(tmp_path: Any
                                                                          ) -> None:
-    from electfsm.fenced import FencedClient, FencedResource
+    from electfsm.chaos.fenced import FencedClient, FencedResource
 
     log = tmp_path / "resource.jsonl"
     with FencedResource(log_path=str(log)) as resource:

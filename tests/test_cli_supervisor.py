@@ -29,9 +29,9 @@ from cli_kit import (
     wait_log,
 )
 
-from electfsm.embedded import LocalEtcd, free_port
-from electfsm.faultproxy import FaultProxy
-from electfsm.supervisor import GUARD
+from electfsm.cli.supervisor import GUARD
+from electfsm.testing.faultproxy import FaultProxy
+from electfsm.testing.local_etcd import LocalEtcd, free_port
 
 HERE = Path(__file__).resolve().parent
 CHILD = [sys.executable, str(HERE / "cli_child.py")]

@@ -1,4 +1,4 @@
-"""electfsm.embedded.LocalCluster: three real etcd members on loopback."""
+"""electfsm.testing.LocalCluster: three real etcd members on loopback."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from scenario_kit import eventually, slack
 
-from electfsm.embedded import LocalCluster, LocalEtcd, make_test_pki
 from electfsm.errors import EtcdError, EtcdUnavailable
-from electfsm.etcd import EtcdClient
+from electfsm.etcd.client import EtcdClient
+from electfsm.testing.local_etcd import LocalCluster, LocalEtcd, make_test_pki
 
 
 def pid_exists(pid: int) -> bool:

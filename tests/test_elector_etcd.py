@@ -18,10 +18,10 @@ import pytest
 from scenario_kit import poll, slack
 
 from electfsm import Elector, EtcdUnavailable, NotLeaderError, ops
-from electfsm.embedded import LocalEtcd, free_port
-from electfsm.etcd import EtcdClient, prefix_end
+from electfsm.etcd.client import EtcdClient, prefix_end
 from electfsm.events import LeaderInfo
-from electfsm.faultproxy import FaultProxy
+from electfsm.testing.faultproxy import FaultProxy
+from electfsm.testing.local_etcd import LocalEtcd, free_port
 
 HERE = Path(__file__).resolve().parent
 MakeElector = Callable[..., Elector]
@@ -267,7 +267,7 @@ def test_a_lost_lease_whose_revoke_failed_is_revoked_as_soon_as_etcd_answers(
     fails. Its key then stays first in line until the lease expires: a TTL at worst (etcd
     renews every lease when its own leader changes; seen after a quorum loss in a randomized
     run). The revoke is tried again right after the next grant, before campaigning."""
-    from electfsm.faultproxy import FaultProxy
+    from electfsm.testing.faultproxy import FaultProxy
 
     server = make_etcd()
     margin = 4.0
@@ -556,7 +556,7 @@ def test_a_renewal_answered_only_after_the_local_deadline_does_not_revive_the_te
     again, though etcd did renew the lease."""
     from electfsm.config import ElectorConfig
     from electfsm.events import SessionLost, SessionUp
-    from electfsm.session import SessionWatch
+    from electfsm.sources.session import SessionWatch
 
     server = make_etcd()
     offset = [0.0]

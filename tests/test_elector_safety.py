@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from electfsm import Elected, Elector, ElectorThreadError, HookError, SessionLost, Term, clock
-from electfsm.embedded import LocalEtcd
-from electfsm.etcd import EtcdClient, prefix_end
+from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.testing.local_etcd import LocalEtcd
 
 MakeElector = Callable[..., Elector]
 

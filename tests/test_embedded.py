@@ -1,4 +1,4 @@
-"""electfsm.embedded against real etcd processes (no mocks of etcd or of processes)."""
+"""electfsm.testing.local_etcd against real etcd processes (no mocks of etcd or of processes)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,11 @@ from typing import Any
 import attrs
 import pytest
 
-from electfsm import embedded
-from electfsm.embedded import (
+from electfsm.errors import ConfigError, EtcdUnavailable
+from electfsm.etcd.client import EtcdClient
+from electfsm.etcd.security import TLS
+from electfsm.testing import local_etcd as embedded
+from electfsm.testing.local_etcd import (
     EtcdNotFound,
     LocalEtcd,
     ServerTLS,
@@ -29,9 +32,6 @@ from electfsm.embedded import (
     free_port,
     make_test_pki,
 )
-from electfsm.errors import ConfigError, EtcdUnavailable
-from electfsm.etcd import EtcdClient
-from electfsm.security import TLS
 
 REPO = Path(__file__).resolve().parent.parent
 MakeEtcd = Callable[..., LocalEtcd]
@@ -240,7 +240,7 @@ def _run_script(code: str) -> subprocess.CompletedProcess[str]:
 def test_a_crashed_demo_leaves_no_etcd_and_etcd_never_writes_to_the_terminal() -> None:
     done = _run_script("""
         import json
-        from electfsm.embedded import LocalEtcd
+        from electfsm.testing.local_etcd import LocalEtcd
         server = LocalEtcd(extra_args=["--log-level=info"]).start()
         print(json.dumps({"pid": server.pid, "data_dir": server.data_dir}), flush=True)
         raise SystemExit("demo crashed")

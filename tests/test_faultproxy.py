@@ -1,4 +1,4 @@
-"""electfsm.faultproxy: real TCP on loopback, against a real etcd and a small echo server."""
+"""electfsm.testing.FaultProxy: real TCP on loopback, against a real etcd and an echo server."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from scenario_kit import eventually, slack
 
-from electfsm.embedded import LocalEtcd
 from electfsm.errors import EtcdError, EtcdUnavailable
-from electfsm.etcd import EtcdClient
-from electfsm.faultproxy import FaultProxy
+from electfsm.etcd.client import EtcdClient
+from electfsm.testing.faultproxy import FaultProxy
+from electfsm.testing.local_etcd import LocalEtcd
 
 # ---------------------------------------------------------------- fixtures
 

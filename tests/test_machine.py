@@ -1,4 +1,4 @@
-"""The machine alone, driven by injected events through electfsm.testing (no etcd)."""
+"""The machine alone, driven by injected events through electfsm.testing.harness (no etcd)."""
 
 from __future__ import annotations
 

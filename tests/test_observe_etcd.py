@@ -11,12 +11,12 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from electfsm import EtcdError, EtcdUnavailable, LeaderSeen
-from electfsm.campaign import is_candidate_key
-from electfsm.embedded import LocalEtcd
-from electfsm.etcd import EtcdClient
+from electfsm.etcd.client import EtcdClient
 from electfsm.events import Event
-from electfsm.faultproxy import FaultProxy
-from electfsm.observe import Observer
+from electfsm.sources.campaign import is_candidate_key
+from electfsm.sources.observe import Observer
+from electfsm.testing.faultproxy import FaultProxy
+from electfsm.testing.local_etcd import LocalEtcd
 
 
 @pytest.fixture
@@ -150,7 +150,7 @@ def test_a_channel_closed_under_a_call_is_an_etcd_error_and_is_rebuilt(
 
 
 def test_unreachable_endpoint_fails_fast_with_a_clear_error() -> None:
-    from electfsm.embedded import free_port
+    from electfsm.testing.local_etcd import free_port
 
     port = free_port()
     client = EtcdClient([f"127.0.0.1:{port}"], timeout=2)
@@ -164,7 +164,7 @@ def test_unreachable_endpoint_fails_fast_with_a_clear_error() -> None:
 
 
 def test_second_endpoint_is_used_when_the_first_is_dead(etcd: LocalEtcd) -> None:
-    from electfsm.embedded import free_port
+    from electfsm.testing.local_etcd import free_port
 
     client = EtcdClient([f"127.0.0.1:{free_port()}", etcd.endpoint], timeout=1)
     try:

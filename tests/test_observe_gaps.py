@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 
 from electfsm import Elector, LeaderSeen
-from electfsm.campaign import is_candidate_key
-from electfsm.embedded import LocalEtcd
-from electfsm.etcd import EtcdClient, Watch, prefix_end
+from electfsm.etcd.client import EtcdClient, Watch, prefix_end
 from electfsm.events import Event, LeaderInfo
-from electfsm.faultproxy import FaultProxy
-from electfsm.observe import Observer, leader_of
+from electfsm.sources.campaign import is_candidate_key
+from electfsm.sources.observe import Observer, leader_of
+from electfsm.testing.faultproxy import FaultProxy
+from electfsm.testing.local_etcd import LocalEtcd
 
 WAIT = 30.0  # generous: the CI machine is small and shared
 

@@ -20,10 +20,10 @@ from cli_kit import Proc, clean_env, electfsm, run
 from prometheus_client import CollectorRegistry
 
 from electfsm import Elector, ElectorForkedError, ErrorReported, clock, metrics
-from electfsm.embedded import LocalEtcd, free_port
-from electfsm.faultproxy import FaultProxy
 from electfsm.health import StatusServer
 from electfsm.testing import Harness
+from electfsm.testing.faultproxy import FaultProxy
+from electfsm.testing.local_etcd import LocalEtcd, free_port
 
 
 def wait(check: Callable[[], bool], timeout: float = 15.0) -> bool:

@@ -23,18 +23,18 @@ import pytest
 from etcd3 import etcdrpc
 from scenario_kit import ELECTION, TTL, WORKING, MakeLab, ok, poll, slack
 
-from electfsm.chaos import (
+from electfsm.chaos.checker import terms_of
+from electfsm.chaos.lab import (
     CLASSIC_KINDS,
     Freezer,
     PartitionableCluster,
     cgroup_problem,
     run_chaos,
 )
-from electfsm.checker import terms_of
-from electfsm.embedded import LocalCluster, LocalEtcd, free_port
 from electfsm.errors import EtcdError
-from electfsm.etcd import EtcdClient
-from electfsm.security import Auth
+from electfsm.etcd.client import EtcdClient
+from electfsm.etcd.security import Auth
+from electfsm.testing.local_etcd import LocalCluster, LocalEtcd, free_port
 
 L1_BOUND = TTL + slack(0.6)
 # After the etcd leader changed, leases are refreshed to a full TTL + the election timeout;
@@ -467,7 +467,7 @@ def test_bug3_timed_out_campaign_reads_never_crash_etcd(tmp_path: Path) -> None:
     made: list[Any] = []
     try:
         from electfsm import ops
-        from electfsm.candidate import CandidateProcess
+        from electfsm.chaos.candidate import CandidateProcess
 
         for batch in range(64):
             raw.txn([], [ops.put(f"bulky/data/{batch:03d}-{i:03d}-{'k' * 1000}", b"x")
@@ -586,7 +586,7 @@ def test_s29_short_randomized_run_holds_every_property(tmp_path: Path) -> None:
 _BROKEN_FENCED_WRITES = """
 import itertools
 
-from electfsm import fenced
+from electfsm.chaos import fenced
 
 _real_write = fenced.FencedClient.write
 _calls = itertools.count(1)

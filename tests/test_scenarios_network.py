@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from scenario_kit import TTL, WORKING, MakeLab, ok, poll, slack, worked
 
-from electfsm.candidate import CandidateProcess, event_time
-from electfsm.chaos import Lab, PacketFilter, nft_problem
-from electfsm.checker import terms_of
+from electfsm.chaos.candidate import CandidateProcess, event_time
+from electfsm.chaos.checker import terms_of
+from electfsm.chaos.lab import Lab, PacketFilter, nft_problem
 from electfsm.errors import EtcdError
-from electfsm.etcd import EtcdClient
+from electfsm.etcd.client import EtcdClient
 
 L1_BOUND = TTL + slack(0.6)
 # The dispatcher runs the exit hooks a moment after the session thread's deadline passed.

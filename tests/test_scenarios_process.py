@@ -1,7 +1,7 @@
 """Scenarios S1, S2, S5-S7, S17-S19, S25-S27: faults on candidate processes (SIGKILL,
 SIGTERM, SIGSTOP, stalls, faketime, CPU quota), each checked against P1-P8 and L1-L5.
 
-Every candidate is a real process (``python -m electfsm.candidate``) talking to a real etcd
+Every candidate is a real process (``python -m electfsm.chaos.candidate``) talking to a real etcd
 through its own fault proxy; the checker reads their logs, the fenced resource's log and the
 etcd history recorded during the test.
 """
@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from scenario_kit import MARGIN, TTL, WORKING, MakeLab, ok, poll, slack, worked
 
-from electfsm.candidate import CandidateProcess, event_time, faketime_problem
-from electfsm.chaos import CpuLimit, cgroup_problem
-from electfsm.checker import terms_of
-from electfsm.embedded import LocalEtcd
+from electfsm.chaos.candidate import CandidateProcess, event_time, faketime_problem
+from electfsm.chaos.checker import terms_of
+from electfsm.chaos.lab import CpuLimit, cgroup_problem
+from electfsm.testing.local_etcd import LocalEtcd
 
 RENEW = TTL / 3
 L1_BOUND = TTL + slack(0.6)

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from electfsm import ConfigError, Elector, NotLeaderError, PermissionDenied, ops
-from electfsm.embedded import LocalEtcd
-from electfsm.security import TLS, Auth
+from electfsm.etcd.security import TLS, Auth
+from electfsm.testing.local_etcd import LocalEtcd
 
 ROOT_PW = "root-pw-Zq9"
 SECRET = "s3cret-Pw-7xk"  # the scheduler's password: must never show up anywhere

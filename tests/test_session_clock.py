@@ -10,10 +10,10 @@ import pytest
 
 from electfsm import clock
 from electfsm.config import ElectorConfig
-from electfsm.embedded import LocalEtcd
-from electfsm.etcd import EtcdClient
+from electfsm.etcd.client import EtcdClient
 from electfsm.events import Event, SessionLost, SessionUp
-from electfsm.session import LATE, SessionWatch
+from electfsm.sources.session import LATE, SessionWatch
+from electfsm.testing.local_etcd import LocalEtcd
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

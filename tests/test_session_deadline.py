@@ -14,13 +14,13 @@ import pytest
 
 from electfsm import clock
 from electfsm.config import ElectorConfig
-from electfsm.embedded import LocalEtcd
 from electfsm.errors import EtcdUnavailable
-from electfsm.etcd import EtcdClient
+from electfsm.etcd.client import EtcdClient
+from electfsm.etcd.security import Auth
 from electfsm.events import Event, SessionLost, SessionUp
-from electfsm.faultproxy import FaultProxy
-from electfsm.security import Auth
-from electfsm.session import SessionWatch
+from electfsm.sources.session import SessionWatch
+from electfsm.testing.faultproxy import FaultProxy
+from electfsm.testing.local_etcd import LocalEtcd
 
 ROOT_PW = "root-pw-4Hd"
 USER_PW = "sched-pw-8Kq"

@@ -9,10 +9,10 @@ from typing import Any
 
 from electfsm import clock
 from electfsm.config import ElectorConfig
-from electfsm.embedded import LocalEtcd
-from electfsm.etcd import EtcdClient
+from electfsm.etcd.client import EtcdClient
 from electfsm.events import ErrorReported, Event, SessionLost, SessionUp
-from electfsm.session import SessionWatch
+from electfsm.sources.session import SessionWatch
+from electfsm.testing.local_etcd import LocalEtcd
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

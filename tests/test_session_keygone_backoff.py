@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-import electfsm.campaign
+import electfsm.sources.campaign
 from electfsm.backoff import Backoff
-from electfsm.campaign import Campaign, candidate_key
 from electfsm.config import ElectorConfig
-from electfsm.embedded import LocalEtcd
-from electfsm.etcd import EtcdClient
+from electfsm.etcd.client import EtcdClient
 from electfsm.events import Elected, Event
+from electfsm.sources.campaign import Campaign, candidate_key
+from electfsm.testing.local_etcd import LocalEtcd
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -54,7 +54,7 @@ def test_a_key_that_keeps_vanishing_is_retried_with_backoff(
             pauses.append(delay)
             return delay
 
-    monkeypatch.setattr(electfsm.campaign, "Backoff", CountedBackoff)
+    monkeypatch.setattr(electfsm.sources.campaign, "Backoff", CountedBackoff)
     config = ElectorConfig(endpoints=[etcd.endpoint], election=election, identity="node-a",
                            ttl=30, call_timeout=2, backoff_max=0.2)
     client = CountedReads(config.hosts, timeout=config.call_timeout)

@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from electfsm import Elector, Session, Term, clock
-from electfsm.embedded import LocalEtcd
-from electfsm.etcd import EtcdClient, prefix_end
-from electfsm.faultproxy import FaultProxy
+from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.testing.faultproxy import FaultProxy
+from electfsm.testing.local_etcd import LocalEtcd
 
 N = 10
 

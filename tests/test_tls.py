@@ -1,8 +1,8 @@
 """Secure connections end to end: TLS, client certificates and TLS + etcd users, on real etcd.
 
-Every server here is a real etcd (:class:`electfsm.embedded.LocalEtcd`) on loopback with
-certificates from :func:`electfsm.embedded.make_test_pki`; the ``electfsm`` command runs as a
-real subprocess (``python -m electfsm``). The etcd flags of each setup:
+Every server here is a real etcd (:class:`electfsm.testing.LocalEtcd`) on loopback with
+certificates from :func:`electfsm.testing.local_etcd.make_test_pki`; the ``electfsm``
+command runs as a real subprocess (``python -m electfsm``). The etcd flags of each setup:
 
 * CA only (server TLS):   ``--cert-file=server.pem --key-file=server-key.pem``
 * client certificates:    the same plus ``--trusted-ca-file=ca.pem --client-cert-auth``
@@ -29,10 +29,10 @@ import pytest
 from cli_kit import Proc, clean_env, electfsm, run
 
 from electfsm import Elector, EtcdError, EtcdUnavailable, PermissionDenied, Term, ops
-from electfsm.campaign import is_candidate_key
-from electfsm.embedded import LocalEtcd, ServerTLS, TestPKI, make_test_pki
-from electfsm.etcd import EtcdClient, prefix_end
-from electfsm.security import TLS, Auth
+from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.etcd.security import TLS, Auth
+from electfsm.sources.campaign import is_candidate_key
+from electfsm.testing.local_etcd import LocalEtcd, ServerTLS, TestPKI, make_test_pki
 
 MakeEtcd = Callable[..., LocalEtcd]
 

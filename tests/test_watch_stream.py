@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-import electfsm.etcd as etcd_module
+import electfsm.etcd.client as etcd_module
 from electfsm import EtcdError, LeaderSeen
-from electfsm.embedded import LocalEtcd
 from electfsm.errors import WatchCompacted
-from electfsm.etcd import EtcdClient, Watch, _WatchStream
+from electfsm.etcd.client import EtcdClient, Watch, _WatchStream
 from electfsm.events import ErrorReported, Event
-from electfsm.observe import Observer
+from electfsm.sources.observe import Observer
+from electfsm.testing.local_etcd import LocalEtcd
 
 WAIT = 30.0  # generous: the CI machine is small and shared
 

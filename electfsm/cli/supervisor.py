@@ -8,7 +8,7 @@
     child.close()                          # the guard goes; nothing of the term is left
 
 COMMAND runs in its own session and process group, started by a small guard process
-(:mod:`electfsm._guard`) that stays between electfsm and COMMAND for the whole term. electfsm
+(:mod:`electfsm.cli._guard`) that stays between electfsm and COMMAND for the whole term. electfsm
 signals COMMAND's group itself; the guard only acts when electfsm dies without stopping
 COMMAND (SIGKILL, the OOM killer, a crash): the guard notices at once, because the kernel closes
 electfsm's end of their socket, and sends the group SIGTERM, then SIGKILL after ``grace``
@@ -37,7 +37,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from electfsm import logs
-from electfsm._guard import running_in_group
+from electfsm.cli._guard import running_in_group
 
 log = logs.logger("electfsm.cli")
 

@@ -8,7 +8,7 @@ starts a 3-member etcd cluster on loopback, ``K`` candidate processes (each behi
 fault proxy to every member), a fenced resource and an etcd recorder; every few seconds it
 injects a fault drawn from ``random.Random(seed)`` (kill, pause, stall, link faults, etcd
 member kill/pause, quorum loss, compaction, resign …), heals it, and at the end checks every
-property (:mod:`electfsm.checker`). It writes ``history.jsonl`` (every event, merged),
+property (:mod:`electfsm.chaos.checker`). It writes ``history.jsonl`` (every event, merged),
 ``schedule.jsonl`` (the faults drawn), ``report.md`` and ``report.json`` into ``--out`` and
 exits 1 on any violation. The same seed draws the same schedule.
 
@@ -50,14 +50,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from electfsm import checker, clock
-from electfsm.candidate import CandidateProcess, EventLog, event_time
-from electfsm.embedded import LocalEtcd, find_etcd_binary, free_port
+from electfsm import clock
+from electfsm.chaos import checker
+from electfsm.chaos.candidate import CandidateProcess, EventLog, event_time
+from electfsm.chaos.fenced import FencedResource
 from electfsm.errors import EtcdError
-from electfsm.etcd import EtcdClient, prefix_end
-from electfsm.faultproxy import FaultProxy
-from electfsm.fenced import FencedResource
-from electfsm.security import Auth
+from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.etcd.security import Auth
+from electfsm.testing.faultproxy import FaultProxy
+from electfsm.testing.local_etcd import LocalEtcd, find_etcd_binary, free_port
 
 __all__ = [
     "CpuLimit",

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from electfsm import clock
 from electfsm.dispatcher import Change
 from electfsm.elector import Elector
-from electfsm.embedded import LocalEtcd
 from electfsm.term import Term
+from electfsm.testing.local_etcd import LocalEtcd
 
 T0 = clock.now()
 

@@ -32,12 +32,12 @@ import attrs
 from electfsm import clock as _clock
 from electfsm import logs
 from electfsm.backoff import Backoff
-from electfsm.campaign import Campaign
-from electfsm.campaign import candidate_key as campaign_key
 from electfsm.config import ElectorConfig, safe_until
 from electfsm.errors import EtcdError, EtcdUnavailable, LeaseNotFound
-from electfsm.etcd import EtcdClient
+from electfsm.etcd.client import EtcdClient
 from electfsm.events import ErrorReported, Event, SessionLost, SessionUp
+from electfsm.sources.campaign import Campaign
+from electfsm.sources.campaign import candidate_key as campaign_key
 
 log = logs.logger("electfsm.session")
 

@@ -2,7 +2,7 @@
 
 ::
 
-    from electfsm.faultproxy import FaultProxy
+    from electfsm.testing.faultproxy import FaultProxy
 
     with FaultProxy(etcd.endpoint) as proxy:         # listens on 127.0.0.1:<free port>
         client = EtcdClient([proxy.endpoint])        # talk to etcd through the proxy

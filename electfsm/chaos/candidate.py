@@ -2,12 +2,12 @@
 
 Run one by hand::
 
-    python -m electfsm.candidate --endpoints 127.0.0.1:2379 --election jobs --identity a \\
+    python -m electfsm.chaos.candidate --endpoints 127.0.0.1:2379 --election jobs --identity a \\
         --ttl 2 --log a.jsonl --fenced 127.0.0.1:7000 --guarded-set jobs-set
 
 or from a test, through :class:`CandidateProcess`::
 
-    from electfsm.candidate import CandidateProcess
+    from electfsm.chaos.candidate import CandidateProcess
 
     c = CandidateProcess(identity="a", endpoints=[etcd.endpoint], election="jobs", ttl=2,
                          log_path=tmp / "a.jsonl").start()
@@ -86,15 +86,15 @@ import grpc
 from etcd3 import etcdrpc
 
 from electfsm import clock, ops
-from electfsm.campaign import compare_create
+from electfsm.chaos.fenced import FencedClient
 from electfsm.dispatcher import Change
 from electfsm.elector import Elector
 from electfsm.errors import EtcdError, NotLeaderError
-from electfsm.etcd import EtcdClient, prefix_end
+from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.etcd.security import Auth
 from electfsm.events import Event, LeaderInfo, LeaderSeen
-from electfsm.fenced import FencedClient
-from electfsm.security import Auth
-from electfsm.session import SessionWatch
+from electfsm.sources.campaign import compare_create
+from electfsm.sources.session import SessionWatch
 from electfsm.term import Term
 
 __all__ = ["CandidateProcess", "EventLog", "event_time", "faketime_problem", "read_events"]
@@ -718,7 +718,7 @@ def _endpoints(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m electfsm.candidate",
+    p = argparse.ArgumentParser(prog="python -m electfsm.chaos.candidate",
                                 description="One logged elector, for fault-injection tests.")
     p.add_argument("--endpoints", type=_endpoints, required=True, help="A,B,... (host:port)")
     p.add_argument("--election", required=True)
@@ -823,7 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class CandidateProcess:
-    """Starts ``python -m electfsm.candidate`` and injects process faults into it.
+    """Starts ``python -m electfsm.chaos.candidate`` and injects process faults into it.
 
     ``log_path`` receives the candidate's events. With ``faketime`` (a ``faketime -f`` spec
     such as ``"+5m"`` or ``"+0 x0.8"``, needs Debian's ``faketime``) the candidate logs to
@@ -882,7 +882,7 @@ class CandidateProcess:
             self._env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
         if password is not None:
             self._env[PASSWORD_ENV] = password
-        cmd = [sys.executable, "-m", "electfsm.candidate", *args]
+        cmd = [sys.executable, "-m", "electfsm.chaos.candidate", *args]
         if faketime:
             tool = shutil.which("faketime")
             if tool is None:

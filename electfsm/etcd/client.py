@@ -28,7 +28,7 @@ from electfsm.errors import (
     PermissionDenied,
     WatchCompacted,
 )
-from electfsm.security import TLS, Auth
+from electfsm.etcd.security import TLS, Auth
 
 log = logs.logger("electfsm.etcd")
 

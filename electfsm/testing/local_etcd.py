@@ -2,7 +2,7 @@
 
 ::
 
-    from electfsm.embedded import LocalCluster, LocalEtcd, ServerTLS, make_test_pki
+    from electfsm.testing.local_etcd import LocalCluster, LocalEtcd, ServerTLS, make_test_pki
 
     with LocalEtcd() as etcd:            # random loopback ports, temp data dir
         print(etcd.endpoint)             # "127.0.0.1:<port>", ready for Elector(endpoints=[...])
@@ -56,7 +56,7 @@ import attrs
 
 from electfsm import clock
 from electfsm.errors import ConfigError
-from electfsm.security import TLS
+from electfsm.etcd.security import TLS
 
 __all__ = [
     "EtcdNotFound",
@@ -286,7 +286,7 @@ class ServerTLS:
         return ctx
 
     def client_tls(self) -> TLS:
-        """:class:`~electfsm.security.TLS` for our clients: ``ca_file``, and ``health_cert``
+        """:class:`~electfsm.etcd.security.TLS` for our clients: ``ca_file``, and ``health_cert``
         as the client certificate (``None`` parts stay unset)."""
         cert, key = self.health_cert if self.health_cert is not None else (None, None)
         return TLS(ca=self.ca_file, cert=cert, key=key)
@@ -324,7 +324,7 @@ class TestPKI:
                          health_cert=(self.client_cert, self.client_key))
 
     def client_tls(self, *, cert: bool = True, server_name: str | None = None) -> TLS:
-        """:class:`~electfsm.security.TLS` trusting ``ca_cert``, with the client cert if
+        """:class:`~electfsm.etcd.security.TLS` trusting ``ca_cert``, with the client cert if
         ``cert``."""
         if cert:
             return TLS(ca=self.ca_cert, cert=self.client_cert, key=self.client_key,
@@ -870,7 +870,7 @@ class LocalCluster(_StartStop):
 
     def _status(self, member: LocalEtcd, timeout: float) -> Any | None:
         from electfsm.errors import EtcdError
-        from electfsm.etcd import EtcdClient
+        from electfsm.etcd.client import EtcdClient
 
         tls = self._client_tls
         client = EtcdClient([member.endpoint], timeout=timeout,

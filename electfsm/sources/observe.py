@@ -17,10 +17,10 @@ from etcd3.etcdrpc import kv_pb2
 
 from electfsm import logs
 from electfsm.backoff import Backoff
-from electfsm.campaign import is_candidate_key
 from electfsm.errors import EtcdError, WatchCompacted
-from electfsm.etcd import EtcdClient, Watch, prefix_end
+from electfsm.etcd.client import EtcdClient, Watch, prefix_end
 from electfsm.events import ErrorReported, Event, LeaderInfo, LeaderSeen
+from electfsm.sources.campaign import is_candidate_key
 
 log = logs.logger("electfsm.observe")
 

@@ -26,7 +26,7 @@ that margin, so even a child that ignores SIGTERM is killed before anyone else c
 A longer ``--grace`` needs a longer ``--margin`` (and TTL) to keep that promise.
 
 The command never outlives electfsm: it is started by a small guard process
-(:mod:`electfsm.supervisor`) that stays between the two. If electfsm dies without stopping it
+(:mod:`electfsm.cli.supervisor`) that stays between the two. If electfsm dies without stopping it
 (``kill -9``, the OOM killer, a crash), the guard sees electfsm's end of their socket close and
 sends the command's process group SIGTERM at once, SIGKILL ``--grace`` seconds later, before
 etcd could expire the lease (with ``--grace`` under the margin, as by default); the command's
@@ -83,6 +83,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 import attrs
 
 from electfsm import clock
+from electfsm.cli.supervisor import Child
 from electfsm.config import (
     MAX_TTL,
     ElectorConfig,
@@ -97,12 +98,11 @@ from electfsm.errors import (
     EtcdUnavailable,
     PermissionDenied,
 )
-from electfsm.security import TLS, Auth
-from electfsm.supervisor import Child
+from electfsm.etcd.security import TLS, Auth
 
 if TYPE_CHECKING:
     from electfsm.elector import Elector
-    from electfsm.etcd import EtcdClient
+    from electfsm.etcd.client import EtcdClient
     from electfsm.events import LeaderInfo
     from electfsm.health import StatusServer
     from electfsm.term import Term
@@ -334,7 +334,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
 
     add("demo", "an embedded etcd and three electors: what `make demo` runs",
-        "Runs electfsm.demo; its options: --etcd-bin PATH, --ttl N.", add_help=False)
+        "Runs electfsm.cli.demo; its options: --etcd-bin PATH, --ttl N.", add_help=False)
 
     p = add("etcd", "run a local development etcd in the foreground",
             "Start a single-member etcd on 127.0.0.1 for trying the CLI by hand; print its\n"
@@ -373,7 +373,7 @@ class Connection:
                 "call_timeout": self.call_timeout}
 
     def client(self) -> EtcdClient:
-        from electfsm.etcd import EtcdClient
+        from electfsm.etcd.client import EtcdClient
 
         return EtcdClient.connect(list(self.endpoints), tls=self.tls, auth=self.auth,
                                   timeout=self.call_timeout)
@@ -510,7 +510,7 @@ def _leader_text(leader: LeaderInfo | None) -> bytes:
 
 def _refused(exc: BaseException) -> bool:
     """etcd refused us for good (permission or authentication), not a passing failure."""
-    from electfsm.etcd import TokenExpired
+    from electfsm.etcd.client import TokenExpired
 
     return isinstance(exc, PermissionDenied) and not isinstance(exc, TokenExpired)
 
@@ -795,8 +795,8 @@ def read_candidates(client: EtcdClient, election: str,
                     timeout: float | None = None) -> tuple[list[Any], int]:
     """Every candidate key of ``election`` in queue order (one linearizable read), and the
     revision read at."""
-    from electfsm.campaign import is_candidate_key
-    from electfsm.etcd import prefix_end
+    from electfsm.etcd.client import prefix_end
+    from electfsm.sources.campaign import is_candidate_key
 
     prefix = (election + "/").encode()
     resp = client.range(prefix, prefix_end(prefix), timeout=timeout)
@@ -806,7 +806,7 @@ def read_candidates(client: EtcdClient, election: str,
 
 
 def cmd_leader(args: argparse.Namespace) -> int:
-    from electfsm.observe import leader_of
+    from electfsm.sources.observe import leader_of
 
     conn = build_connection(args)
     client = conn.client()
@@ -883,7 +883,7 @@ def _printable(text: str) -> str:
 # ------------------------------------------------------------------------------ observe
 def cmd_observe(args: argparse.Namespace) -> int:
     from electfsm.events import ErrorReported, LeaderSeen
-    from electfsm.observe import Observer
+    from electfsm.sources.observe import Observer
 
     conn = build_connection(args)
     client = conn.client()
@@ -949,13 +949,13 @@ def cmd_diagram(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(rest: Sequence[str]) -> int:
-    from electfsm import demo
+    from electfsm.cli import demo
 
     return demo.main(list(rest))
 
 
 def cmd_etcd(args: argparse.Namespace) -> int:
-    from electfsm.embedded import EtcdNotFound, LocalEtcd
+    from electfsm.testing.local_etcd import EtcdNotFound, LocalEtcd
 
     try:
         server = LocalEtcd(binary=args.etcd_bin, data_dir=args.data_dir, client_port=args.port)

@@ -2,16 +2,16 @@
 
 Inputs are plain JSON records, so tests can feed synthetic histories:
 
-- candidate events (see :mod:`electfsm.candidate`), merged from every candidate's log, and
+- candidate events (see :mod:`electfsm.chaos.candidate`), merged from every candidate's log, and
   harness events (``killed``, ``fault`` …) in the same list;
-- the fenced resource's writes (``resource_write`` records, :mod:`electfsm.fenced`);
+- the fenced resource's writes (``resource_write`` records, :mod:`electfsm.chaos.fenced`);
 - the etcd history of the election and guarded-set prefixes, recorded by
   :class:`EtcdRecorder` (``etcd_snapshot`` and ``etcd_event`` records), as an
   :class:`EtcdHistory`.
 
 ::
 
-    from electfsm import checker
+    from electfsm.chaos import checker
 
     history = checker.load_history(["a.jsonl", "b.jsonl", "harness.jsonl"])
     report = checker.check(history, resource=writes, etcd=checker.EtcdHistory(records,
@@ -44,11 +44,11 @@ import attrs
 from etcd3.etcdrpc import kv_pb2
 
 from electfsm import clock
-from electfsm.campaign import is_candidate_key
 from electfsm.errors import EtcdError, WatchCompacted
-from electfsm.etcd import EtcdClient, prefix_end
+from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.etcd.security import Auth
 from electfsm.machine import legal
-from electfsm.security import Auth
+from electfsm.sources.campaign import is_candidate_key
 
 __all__ = [
     "EtcdHistory",

@@ -3,7 +3,7 @@ token it has seen (the storage of etcd's ``contrib/lock``, and Kleppmann's fenci
 
 ::
 
-    from electfsm.fenced import FencedClient, FencedResource
+    from electfsm.chaos.fenced import FencedClient, FencedResource
 
     with FencedResource(log_path="resource.jsonl") as resource:   # 127.0.0.1:<free port>
         client = FencedClient(resource.endpoint)
