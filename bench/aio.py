@@ -30,7 +30,7 @@ from common import fmt_ms, stats  # noqa: E402
 
 from electfsm import Elector, clock  # noqa: E402
 from electfsm.aio import AsyncElector  # noqa: E402
-from electfsm.etcd.client import EtcdClient  # noqa: E402
+from electfsm.etcd import EtcdClient  # noqa: E402
 from electfsm.testing.local_etcd import LocalEtcd  # noqa: E402
 
 TICK = 0.010

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from electfsm.etcd.client import EtcdClient, Watch, prefix_end
+from electfsm.etcd import EtcdClient, Watch, prefix_end
 from electfsm.sources.campaign import is_candidate_key
 from electfsm.testing.local_etcd import LocalEtcd, find_etcdctl_binary
 

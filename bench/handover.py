@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from electfsm import Elector
-from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.etcd import EtcdClient, prefix_end
 from electfsm.sources.campaign import is_candidate_key
 from electfsm.testing.local_etcd import LocalEtcd
 

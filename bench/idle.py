@@ -14,7 +14,7 @@ import time
 from common import delta, requests
 
 from electfsm import Elector, Session
-from electfsm.etcd.client import EtcdClient
+from electfsm.etcd import EtcdClient
 
 
 def rss_kib() -> int:

@@ -108,7 +108,7 @@ def next_leader(workers: list[Worker], after: float, timeout: float = 60) -> dic
 def watch_deletes(endpoint: str, election: str) -> tuple[queue.Queue[float], Any, Any]:
     """A raw watcher that timestamps each candidate key's DELETE (a lease expiry, in a crash
     round): the failover after it is the part that depends on N."""
-    from electfsm.etcd.client import EtcdClient, prefix_end
+    from electfsm.etcd import EtcdClient, prefix_end
     from electfsm.sources.campaign import is_candidate_key
 
     client = EtcdClient([endpoint], timeout=5)

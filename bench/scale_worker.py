@@ -16,7 +16,7 @@ import time
 from idle import rss_kib
 
 from electfsm import Elector
-from electfsm.etcd.client import EtcdClient
+from electfsm.etcd import EtcdClient
 
 lock = threading.Lock()
 

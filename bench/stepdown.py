@@ -9,7 +9,7 @@ import threading
 import time
 
 from electfsm import Elector
-from electfsm.etcd.client import EtcdClient
+from electfsm.etcd import EtcdClient
 from electfsm.testing.faultproxy import FaultProxy
 from electfsm.testing.local_etcd import LocalEtcd
 

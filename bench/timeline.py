@@ -27,7 +27,7 @@ from common import pct  # type: ignore[import-not-found]
 from etcd3.etcdrpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
 
 import electfsm.dispatcher as dispatcher_mod
-import electfsm.etcd.client as etcd_mod
+import electfsm.etcd as etcd_mod
 from electfsm.events import Elected
 from electfsm.testing.local_etcd import LocalEtcd
 

@@ -21,7 +21,7 @@ from electfsm.errors import (
     EtcdError,
     NotLeaderError,
 )
-from electfsm.etcd.client import EtcdClient
+from electfsm.etcd import EtcdClient
 from electfsm.etcd.security import TLS, Auth
 from electfsm.events import ErrorReported, Event, LeaderInfo, Resign, Stop
 from electfsm.hooks import HookMethods, Hooks

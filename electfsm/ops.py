@@ -20,7 +20,7 @@ from typing import Any
 
 from etcd3 import etcdrpc
 
-from electfsm.etcd.client import prefix_end, to_bytes
+from electfsm.etcd import prefix_end, to_bytes
 
 
 class _Target:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from electfsm import clock
 from electfsm.config import ElectorConfig
 from electfsm.errors import ConfigError, ElectorStopped
-from electfsm.etcd.client import EtcdClient
+from electfsm.etcd import EtcdClient
 from electfsm.etcd.security import TLS, Auth
 from electfsm.sources.session import SessionWatch
 

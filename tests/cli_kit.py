@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.etcd import EtcdClient, prefix_end
 from electfsm.sources.campaign import is_candidate_key
 
 

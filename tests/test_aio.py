@@ -13,7 +13,7 @@ import pytest
 
 from electfsm import Elector, LeaderInfo, Term, clock
 from electfsm.aio import AsyncElector
-from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.etcd import EtcdClient, prefix_end
 from electfsm.testing.local_etcd import LocalEtcd
 
 # A hung trio run would not be interrupted by a signal: the thread method ends the run.

@@ -33,7 +33,7 @@ from cli_kit import (
 
 from electfsm.config import default_margin
 from electfsm.diagram import render
-from electfsm.etcd.client import EtcdClient
+from electfsm.etcd import EtcdClient
 from electfsm.testing.local_etcd import LocalEtcd, free_port
 
 HERE = Path(__file__).resolve().parent

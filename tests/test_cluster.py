@@ -12,7 +12,7 @@ import pytest
 from scenario_kit import eventually, slack
 
 from electfsm.errors import EtcdError, EtcdUnavailable
-from electfsm.etcd.client import EtcdClient
+from electfsm.etcd import EtcdClient
 from electfsm.testing.local_etcd import LocalCluster, LocalEtcd, make_test_pki
 
 

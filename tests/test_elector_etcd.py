@@ -18,7 +18,7 @@ import pytest
 from scenario_kit import poll, slack
 
 from electfsm import Elector, EtcdUnavailable, NotLeaderError, ops
-from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.etcd import EtcdClient, prefix_end
 from electfsm.events import LeaderInfo
 from electfsm.testing.faultproxy import FaultProxy
 from electfsm.testing.local_etcd import LocalEtcd, free_port

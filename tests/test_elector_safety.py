@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from electfsm import Elected, Elector, ElectorThreadError, HookError, SessionLost, Term, clock
-from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.etcd import EtcdClient, prefix_end
 from electfsm.testing.local_etcd import LocalEtcd
 
 MakeElector = Callable[..., Elector]

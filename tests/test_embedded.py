@@ -19,7 +19,7 @@ import attrs
 import pytest
 
 from electfsm.errors import ConfigError, EtcdUnavailable
-from electfsm.etcd.client import EtcdClient
+from electfsm.etcd import EtcdClient
 from electfsm.etcd.security import TLS
 from electfsm.testing import local_etcd as embedded
 from electfsm.testing.local_etcd import (

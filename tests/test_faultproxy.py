@@ -16,7 +16,7 @@ import pytest
 from scenario_kit import eventually, slack
 
 from electfsm.errors import EtcdError, EtcdUnavailable
-from electfsm.etcd.client import EtcdClient
+from electfsm.etcd import EtcdClient
 from electfsm.testing.faultproxy import FaultProxy
 from electfsm.testing.local_etcd import LocalEtcd
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from electfsm import EtcdError, EtcdUnavailable, LeaderSeen
-from electfsm.etcd.client import EtcdClient
+from electfsm.etcd import EtcdClient
 from electfsm.events import Event
 from electfsm.sources.campaign import is_candidate_key
 from electfsm.sources.observe import Observer

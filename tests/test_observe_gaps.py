@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from electfsm import Elector, LeaderSeen
-from electfsm.etcd.client import EtcdClient, Watch, prefix_end
+from electfsm.etcd import EtcdClient, Watch, prefix_end
 from electfsm.events import Event, LeaderInfo
 from electfsm.sources.campaign import is_candidate_key
 from electfsm.sources.observe import Observer, leader_of

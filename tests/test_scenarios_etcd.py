@@ -32,7 +32,7 @@ from electfsm.chaos.lab import (
     run_chaos,
 )
 from electfsm.errors import EtcdError
-from electfsm.etcd.client import EtcdClient
+from electfsm.etcd import EtcdClient
 from electfsm.etcd.security import Auth
 from electfsm.testing.local_etcd import LocalCluster, LocalEtcd, free_port
 

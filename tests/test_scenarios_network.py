@@ -15,7 +15,7 @@ from electfsm.chaos.candidate import CandidateProcess, event_time
 from electfsm.chaos.checker import terms_of
 from electfsm.chaos.lab import Lab, PacketFilter, nft_problem
 from electfsm.errors import EtcdError
-from electfsm.etcd.client import EtcdClient
+from electfsm.etcd import EtcdClient
 
 L1_BOUND = TTL + slack(0.6)
 # The dispatcher runs the exit hooks a moment after the session thread's deadline passed.

@@ -10,7 +10,7 @@ import pytest
 
 from electfsm import clock
 from electfsm.config import ElectorConfig
-from electfsm.etcd.client import EtcdClient
+from electfsm.etcd import EtcdClient
 from electfsm.events import Event, SessionLost, SessionUp
 from electfsm.sources.session import LATE, SessionWatch
 from electfsm.testing.local_etcd import LocalEtcd

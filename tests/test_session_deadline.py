@@ -15,7 +15,7 @@ import pytest
 from electfsm import clock
 from electfsm.config import ElectorConfig
 from electfsm.errors import EtcdUnavailable
-from electfsm.etcd.client import EtcdClient
+from electfsm.etcd import EtcdClient
 from electfsm.etcd.security import Auth
 from electfsm.events import Event, SessionLost, SessionUp
 from electfsm.sources.session import SessionWatch

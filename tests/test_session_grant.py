@@ -9,7 +9,7 @@ from typing import Any
 
 from electfsm import clock
 from electfsm.config import ElectorConfig
-from electfsm.etcd.client import EtcdClient
+from electfsm.etcd import EtcdClient
 from electfsm.events import ErrorReported, Event, SessionLost, SessionUp
 from electfsm.sources.session import SessionWatch
 from electfsm.testing.local_etcd import LocalEtcd

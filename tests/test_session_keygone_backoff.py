@@ -13,7 +13,7 @@ import pytest
 import electfsm.sources.campaign
 from electfsm.backoff import Backoff
 from electfsm.config import ElectorConfig
-from electfsm.etcd.client import EtcdClient
+from electfsm.etcd import EtcdClient
 from electfsm.events import Elected, Event
 from electfsm.sources.campaign import Campaign, candidate_key
 from electfsm.testing.local_etcd import LocalEtcd

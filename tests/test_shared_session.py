@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from electfsm import Elector, Session, Term, clock
-from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.etcd import EtcdClient, prefix_end
 from electfsm.testing.faultproxy import FaultProxy
 from electfsm.testing.local_etcd import LocalEtcd
 

@@ -29,7 +29,7 @@ import pytest
 from cli_kit import Proc, clean_env, electfsm, run
 
 from electfsm import Elector, EtcdError, EtcdUnavailable, PermissionDenied, Term, ops
-from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.etcd import EtcdClient, prefix_end
 from electfsm.etcd.security import TLS, Auth
 from electfsm.sources.campaign import is_candidate_key
 from electfsm.testing.local_etcd import LocalEtcd, ServerTLS, TestPKI, make_test_pki

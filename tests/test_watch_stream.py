@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-import electfsm.etcd.client as etcd_module
+import electfsm.etcd.watch as etcd_module
 from electfsm import EtcdError, LeaderSeen
 from electfsm.errors import WatchCompacted
-from electfsm.etcd.client import EtcdClient, Watch, _WatchStream
+from electfsm.etcd import EtcdClient, Watch, _WatchStream
 from electfsm.events import ErrorReported, Event
 from electfsm.sources.observe import Observer
 from electfsm.testing.local_etcd import LocalEtcd

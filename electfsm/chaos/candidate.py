@@ -90,7 +90,7 @@ from electfsm.chaos.fenced import FencedClient
 from electfsm.dispatcher import Change
 from electfsm.elector import Elector
 from electfsm.errors import EtcdError, NotLeaderError
-from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.etcd import EtcdClient, prefix_end
 from electfsm.etcd.security import Auth
 from electfsm.events import Event, LeaderInfo, LeaderSeen
 from electfsm.sources.campaign import compare_create

@@ -45,7 +45,7 @@ from etcd3.etcdrpc import kv_pb2
 
 from electfsm import clock
 from electfsm.errors import EtcdError, WatchCompacted
-from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.etcd import EtcdClient, prefix_end
 from electfsm.etcd.security import Auth
 from electfsm.machine import legal
 from electfsm.sources.campaign import is_candidate_key

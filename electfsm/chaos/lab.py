@@ -55,7 +55,7 @@ from electfsm.chaos import checker
 from electfsm.chaos.candidate import CandidateProcess, EventLog, event_time
 from electfsm.chaos.fenced import FencedResource
 from electfsm.errors import EtcdError
-from electfsm.etcd.client import EtcdClient, prefix_end
+from electfsm.etcd import EtcdClient, prefix_end
 from electfsm.etcd.security import Auth
 from electfsm.testing.faultproxy import FaultProxy
 from electfsm.testing.local_etcd import LocalEtcd, find_etcd_binary, free_port

@@ -31,7 +31,7 @@ from electfsm.errors import (
 )
 
 if TYPE_CHECKING:
-    from electfsm.etcd.client import EtcdClient
+    from electfsm.etcd import EtcdClient
 
 log = logging.getLogger("electfsm.cli")
 
@@ -61,7 +61,7 @@ def read_candidates(client: EtcdClient, election: str,
                     timeout: float | None = None) -> tuple[list[Any], int]:
     """Every candidate key of ``election`` in queue order (one linearizable read), and the
     revision read at."""
-    from electfsm.etcd.client import prefix_end
+    from electfsm.etcd import prefix_end
     from electfsm.sources.campaign import is_candidate_key
 
     prefix = (election + "/").encode()

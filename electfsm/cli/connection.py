@@ -35,7 +35,7 @@ from electfsm.errors import (
 from electfsm.etcd.security import TLS, Auth
 
 if TYPE_CHECKING:
-    from electfsm.etcd.client import EtcdClient
+    from electfsm.etcd import EtcdClient
     from electfsm.events import LeaderInfo
 
 log = logging.getLogger("electfsm.cli")
@@ -57,7 +57,7 @@ class Connection:
                 "call_timeout": self.call_timeout}
 
     def client(self) -> EtcdClient:
-        from electfsm.etcd.client import EtcdClient
+        from electfsm.etcd import EtcdClient
 
         return EtcdClient.connect(list(self.endpoints), tls=self.tls, auth=self.auth,
                                   timeout=self.call_timeout)
@@ -194,7 +194,7 @@ def _leader_text(leader: LeaderInfo | None) -> bytes:
 
 def _refused(exc: BaseException) -> bool:
     """etcd refused us for good (permission or authentication), not a passing failure."""
-    from electfsm.etcd.client import TokenExpired
+    from electfsm.etcd import TokenExpired
 
     return isinstance(exc, PermissionDenied) and not isinstance(exc, TokenExpired)
 

@@ -25,7 +25,7 @@ from electfsm import logs
 from electfsm.backoff import Backoff
 from electfsm.config import ElectorConfig
 from electfsm.errors import EtcdError, LeaseNotFound
-from electfsm.etcd.client import EtcdClient, Watch, prefix_end
+from electfsm.etcd import EtcdClient, Watch, prefix_end
 from electfsm.events import Elected, ErrorReported, Event
 
 log = logs.logger("electfsm.campaign")

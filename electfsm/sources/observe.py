@@ -18,7 +18,7 @@ from etcd3.etcdrpc import kv_pb2
 from electfsm import logs
 from electfsm.backoff import Backoff
 from electfsm.errors import EtcdError, WatchCompacted
-from electfsm.etcd.client import EtcdClient, Watch, prefix_end
+from electfsm.etcd import EtcdClient, Watch, prefix_end
 from electfsm.events import ErrorReported, Event, LeaderInfo, LeaderSeen
 from electfsm.sources.campaign import is_candidate_key
 

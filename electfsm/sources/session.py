@@ -34,7 +34,7 @@ from electfsm import logs
 from electfsm.backoff import Backoff
 from electfsm.config import ElectorConfig, safe_until
 from electfsm.errors import EtcdError, EtcdUnavailable, LeaseNotFound
-from electfsm.etcd.client import EtcdClient
+from electfsm.etcd import EtcdClient
 from electfsm.events import ErrorReported, Event, SessionLost, SessionUp
 from electfsm.sources.campaign import Campaign
 from electfsm.sources.campaign import candidate_key as campaign_key

@@ -870,7 +870,7 @@ class LocalCluster(_StartStop):
 
     def _status(self, member: LocalEtcd, timeout: float) -> Any | None:
         from electfsm.errors import EtcdError
-        from electfsm.etcd.client import EtcdClient
+        from electfsm.etcd import EtcdClient
 
         tls = self._client_tls
         client = EtcdClient([member.endpoint], timeout=timeout,
