@@ -23,7 +23,8 @@ from collections.abc import Callable
 
 from electfsm.etcd import EtcdClient, Watch, prefix_end
 from electfsm.sources.campaign import is_candidate_key
-from electfsm.testing.local_etcd import LocalEtcd, find_etcdctl_binary
+from electfsm.testing.etcd_binaries import find_etcdctl_binary
+from electfsm.testing.local_etcd import LocalEtcd
 
 
 class Candidate:

@@ -23,12 +23,8 @@ from cli_kit import Proc
 from scenario_kit import SLACK, SLACK_ENV, TTL
 
 from electfsm.chaos.lab import Lab
-from electfsm.testing.local_etcd import (
-    RAFT_ELECTION_MS,
-    RAFT_HEARTBEAT_MS,
-    LocalEtcd,
-    find_etcdctl_binary,
-)
+from electfsm.testing.etcd_binaries import RAFT_ELECTION_MS, RAFT_HEARTBEAT_MS, find_etcdctl_binary
+from electfsm.testing.local_etcd import LocalEtcd
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -22,7 +22,7 @@ from electfsm.chaos.checker import Report
 from electfsm.chaos.lab import Lab
 from electfsm.config import default_margin
 from electfsm.errors import EtcdError
-from electfsm.testing.local_etcd import ELECTION_TIMEOUT
+from electfsm.testing.etcd_binaries import ELECTION_TIMEOUT
 
 MakeLab = Callable[..., Lab]
 

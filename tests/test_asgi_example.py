@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from electfsm.testing.local_etcd import LocalEtcd, free_port
+from electfsm.testing.etcd_binaries import free_port
+from electfsm.testing.local_etcd import LocalEtcd
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -34,7 +34,8 @@ from cli_kit import (
 from electfsm.config import default_margin
 from electfsm.diagram import render
 from electfsm.etcd import EtcdClient
-from electfsm.testing.local_etcd import LocalEtcd, free_port
+from electfsm.testing.etcd_binaries import free_port
+from electfsm.testing.local_etcd import LocalEtcd
 
 HERE = Path(__file__).resolve().parent
 CHILD = [sys.executable, str(HERE / "cli_child.py")]

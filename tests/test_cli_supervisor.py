@@ -30,8 +30,9 @@ from cli_kit import (
 )
 
 from electfsm.cli.supervisor import GUARD
+from electfsm.testing.etcd_binaries import free_port
 from electfsm.testing.faultproxy import FaultProxy
-from electfsm.testing.local_etcd import LocalEtcd, free_port
+from electfsm.testing.local_etcd import LocalEtcd
 
 HERE = Path(__file__).resolve().parent
 CHILD = [sys.executable, str(HERE / "cli_child.py")]

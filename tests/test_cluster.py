@@ -13,7 +13,9 @@ from scenario_kit import eventually, slack
 
 from electfsm.errors import EtcdError, EtcdUnavailable
 from electfsm.etcd import EtcdClient
-from electfsm.testing.local_etcd import LocalCluster, LocalEtcd, make_test_pki
+from electfsm.testing.cluster import LocalCluster
+from electfsm.testing.local_etcd import LocalEtcd
+from electfsm.testing.pki import make_test_pki
 
 
 def pid_exists(pid: int) -> bool:

@@ -20,8 +20,9 @@ from scenario_kit import poll, slack
 from electfsm import Elector, EtcdUnavailable, NotLeaderError, ops
 from electfsm.etcd import EtcdClient, prefix_end
 from electfsm.events import LeaderInfo
+from electfsm.testing.etcd_binaries import free_port
 from electfsm.testing.faultproxy import FaultProxy
-from electfsm.testing.local_etcd import LocalEtcd, free_port
+from electfsm.testing.local_etcd import LocalEtcd
 
 HERE = Path(__file__).resolve().parent
 MakeElector = Callable[..., Elector]

@@ -21,17 +21,15 @@ import pytest
 from electfsm.errors import ConfigError, EtcdUnavailable
 from electfsm.etcd import EtcdClient
 from electfsm.etcd.security import TLS
-from electfsm.testing import local_etcd as embedded
-from electfsm.testing.local_etcd import (
+from electfsm.testing import etcd_binaries as embedded
+from electfsm.testing.etcd_binaries import (
     EtcdNotFound,
-    LocalEtcd,
-    ServerTLS,
-    TestPKI,
     find_etcd_binary,
     find_etcdctl_binary,
     free_port,
-    make_test_pki,
 )
+from electfsm.testing.local_etcd import LocalEtcd
+from electfsm.testing.pki import ServerTLS, TestPKI, make_test_pki
 
 REPO = Path(__file__).resolve().parent.parent
 MakeEtcd = Callable[..., LocalEtcd]

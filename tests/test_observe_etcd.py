@@ -150,7 +150,7 @@ def test_a_channel_closed_under_a_call_is_an_etcd_error_and_is_rebuilt(
 
 
 def test_unreachable_endpoint_fails_fast_with_a_clear_error() -> None:
-    from electfsm.testing.local_etcd import free_port
+    from electfsm.testing.etcd_binaries import free_port
 
     port = free_port()
     client = EtcdClient([f"127.0.0.1:{port}"], timeout=2)
@@ -164,7 +164,7 @@ def test_unreachable_endpoint_fails_fast_with_a_clear_error() -> None:
 
 
 def test_second_endpoint_is_used_when_the_first_is_dead(etcd: LocalEtcd) -> None:
-    from electfsm.testing.local_etcd import free_port
+    from electfsm.testing.etcd_binaries import free_port
 
     client = EtcdClient([f"127.0.0.1:{free_port()}", etcd.endpoint], timeout=1)
     try:

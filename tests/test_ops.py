@@ -22,8 +22,9 @@ from prometheus_client import CollectorRegistry
 from electfsm import Elector, ElectorForkedError, ErrorReported, clock, metrics
 from electfsm.health import StatusServer
 from electfsm.testing import Harness
+from electfsm.testing.etcd_binaries import free_port
 from electfsm.testing.faultproxy import FaultProxy
-from electfsm.testing.local_etcd import LocalEtcd, free_port
+from electfsm.testing.local_etcd import LocalEtcd
 
 
 def wait(check: Callable[[], bool], timeout: float = 15.0) -> bool:

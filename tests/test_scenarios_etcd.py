@@ -34,7 +34,9 @@ from electfsm.chaos.lab import (
 from electfsm.errors import EtcdError
 from electfsm.etcd import EtcdClient
 from electfsm.etcd.security import Auth
-from electfsm.testing.local_etcd import LocalCluster, LocalEtcd, free_port
+from electfsm.testing.cluster import LocalCluster
+from electfsm.testing.etcd_binaries import free_port
+from electfsm.testing.local_etcd import LocalEtcd
 
 L1_BOUND = TTL + slack(0.6)
 # After the etcd leader changed, leases are refreshed to a full TTL + the election timeout;

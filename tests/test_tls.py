@@ -1,7 +1,7 @@
 """Secure connections end to end: TLS, client certificates and TLS + etcd users, on real etcd.
 
 Every server here is a real etcd (:class:`electfsm.testing.LocalEtcd`) on loopback with
-certificates from :func:`electfsm.testing.local_etcd.make_test_pki`; the ``electfsm``
+certificates from :func:`electfsm.testing.pki.make_test_pki`; the ``electfsm``
 command runs as a real subprocess (``python -m electfsm``). The etcd flags of each setup:
 
 * CA only (server TLS):   ``--cert-file=server.pem --key-file=server-key.pem``
@@ -32,7 +32,8 @@ from electfsm import Elector, EtcdError, EtcdUnavailable, PermissionDenied, Term
 from electfsm.etcd import EtcdClient, prefix_end
 from electfsm.etcd.security import TLS, Auth
 from electfsm.sources.campaign import is_candidate_key
-from electfsm.testing.local_etcd import LocalEtcd, ServerTLS, TestPKI, make_test_pki
+from electfsm.testing.local_etcd import LocalEtcd
+from electfsm.testing.pki import ServerTLS, TestPKI, make_test_pki
 
 MakeEtcd = Callable[..., LocalEtcd]
 

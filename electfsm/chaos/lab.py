@@ -57,8 +57,9 @@ from electfsm.chaos.fenced import FencedResource
 from electfsm.errors import EtcdError
 from electfsm.etcd import EtcdClient, prefix_end
 from electfsm.etcd.security import Auth
+from electfsm.testing.etcd_binaries import find_etcd_binary, free_port
 from electfsm.testing.faultproxy import FaultProxy
-from electfsm.testing.local_etcd import LocalEtcd, find_etcd_binary, free_port
+from electfsm.testing.local_etcd import LocalEtcd
 
 __all__ = [
     "CpuLimit",

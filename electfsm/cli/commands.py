@@ -221,7 +221,8 @@ def cmd_demo(rest: Sequence[str]) -> int:
 
 
 def cmd_etcd(args: argparse.Namespace) -> int:
-    from electfsm.testing.local_etcd import EtcdNotFound, LocalEtcd
+    from electfsm.testing.etcd_binaries import EtcdNotFound
+    from electfsm.testing.local_etcd import LocalEtcd
 
     try:
         server = LocalEtcd(binary=args.etcd_bin, data_dir=args.data_dir, client_port=args.port)

@@ -8,8 +8,9 @@
   blackholes, resets or delays the link.
 """
 
+from electfsm.testing.cluster import LocalCluster
 from electfsm.testing.faultproxy import FaultProxy
 from electfsm.testing.harness import Harness, VirtualClock
-from electfsm.testing.local_etcd import LocalCluster, LocalEtcd
+from electfsm.testing.local_etcd import LocalEtcd
 
 __all__ = ["FaultProxy", "Harness", "LocalCluster", "LocalEtcd", "VirtualClock"]
