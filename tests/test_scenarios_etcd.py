@@ -24,13 +24,9 @@ from etcd3 import etcdrpc
 from scenario_kit import ELECTION, TTL, WORKING, MakeLab, ok, poll, slack
 
 from electfsm.chaos.checker import terms_of
-from electfsm.chaos.lab import (
-    CLASSIC_KINDS,
-    Freezer,
-    PartitionableCluster,
-    cgroup_problem,
-    run_chaos,
-)
+from electfsm.chaos.cluster import PartitionableCluster
+from electfsm.chaos.faults import Freezer, cgroup_problem
+from electfsm.chaos.runner import CLASSIC_KINDS, run_chaos
 from electfsm.errors import EtcdError
 from electfsm.etcd import EtcdClient
 from electfsm.etcd.security import Auth

@@ -13,7 +13,8 @@ from scenario_kit import TTL, WORKING, MakeLab, ok, poll, slack, worked
 
 from electfsm.chaos.candidate import CandidateProcess, event_time
 from electfsm.chaos.checker import terms_of
-from electfsm.chaos.lab import Lab, PacketFilter, nft_problem
+from electfsm.chaos.faults import PacketFilter, nft_problem
+from electfsm.chaos.lab import Lab
 from electfsm.errors import EtcdError
 from electfsm.etcd import EtcdClient
 

@@ -19,7 +19,7 @@ from scenario_kit import MARGIN, TTL, WORKING, MakeLab, ok, poll, slack, worked
 
 from electfsm.chaos.candidate import CandidateProcess, event_time, faketime_problem
 from electfsm.chaos.checker import terms_of
-from electfsm.chaos.lab import CpuLimit, cgroup_problem
+from electfsm.chaos.faults import CpuLimit, cgroup_problem
 from electfsm.testing.local_etcd import LocalEtcd
 
 RENEW = TTL / 3

@@ -2,6 +2,6 @@
 
 import sys
 
-from electfsm.chaos.lab import main
+from electfsm.chaos.runner import main
 
 sys.exit(main())
