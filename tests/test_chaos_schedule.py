@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from electfsm.chaos.lab import KINDS
-from electfsm.chaos.runner import CLASSIC_KINDS, draw_schedule
+from electfsm.chaos.runner import CLASSIC_KINDS, KINDS, draw_schedule
 
 
 def test_the_same_seed_draws_the_same_schedule_and_kinds_restrict_it() -> None:

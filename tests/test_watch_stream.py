@@ -19,7 +19,8 @@ import pytest
 import electfsm.etcd.watch as etcd_module
 from electfsm import EtcdError, LeaderSeen
 from electfsm.errors import WatchCompacted
-from electfsm.etcd import EtcdClient, Watch, _WatchStream
+from electfsm.etcd import EtcdClient, Watch
+from electfsm.etcd.watch import _WatchStream
 from electfsm.events import ErrorReported, Event
 from electfsm.sources.observe import Observer
 from electfsm.testing.local_etcd import LocalEtcd

@@ -18,6 +18,7 @@ from electfsm.chaos import checker
 from electfsm.chaos.candidate import CandidateProcess, EventLog, event_time
 from electfsm.chaos.faults import Link
 from electfsm.chaos.fenced import FencedResource
+from electfsm.chaos.recorder import _kv_json
 from electfsm.errors import EtcdError
 from electfsm.etcd import EtcdClient, prefix_end
 from electfsm.etcd.security import Auth
@@ -180,7 +181,7 @@ class Lab:
         """The election's candidate keys in etcd now."""
         prefix = (self.election + "/").encode()
         resp = self.client.range(prefix, prefix_end(prefix))
-        return [checker._kv_json(kv) for kv in resp.kvs]
+        return [_kv_json(kv) for kv in resp.kvs]
 
     def live(self) -> list[CandidateProcess]:
         return [c for c in self.candidates if c.alive]
@@ -310,5 +311,5 @@ class Lab:
             except EtcdError:
                 time.sleep(0.25)
                 continue
-            return {bytes(kv.key).decode(): checker._kv_json(kv) for kv in resp.kvs}
+            return {bytes(kv.key).decode(): _kv_json(kv) for kv in resp.kvs}
         return None
