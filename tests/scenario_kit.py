@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from electfsm.chaos.candidate import CandidateProcess
 from electfsm.chaos.checker import Report
 from electfsm.chaos.lab import Lab
+from electfsm.chaos.process import CandidateProcess
 from electfsm.config import default_margin
 from electfsm.errors import EtcdError
 from electfsm.testing.etcd_binaries import ELECTION_TIMEOUT

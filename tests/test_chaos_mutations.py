@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 
 from electfsm import clock
-from electfsm.chaos.candidate import MUTATIONS, CandidateProcess
 from electfsm.chaos.checker import Report
 from electfsm.chaos.lab import Lab
+from electfsm.chaos.process import CandidateProcess
+from electfsm.chaos.protocol import MUTATIONS
 
 MakeLab = Callable[..., Lab]
 TTL = 2

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from electfsm.chaos.candidate import CandidateProcess
 from electfsm.chaos.lab import Lab
+from electfsm.chaos.process import CandidateProcess
 
 MakeLab = Callable[..., Lab]
 TTL = 2

@@ -465,7 +465,7 @@ def test_bug3_timed_out_campaign_reads_never_crash_etcd(tmp_path: Path) -> None:
     made: list[Any] = []
     try:
         from electfsm import ops
-        from electfsm.chaos.candidate import CandidateProcess
+        from electfsm.chaos.process import CandidateProcess
 
         for batch in range(64):
             raw.txn([], [ops.put(f"bulky/data/{batch:03d}-{i:03d}-{'k' * 1000}", b"x")

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 from scenario_kit import TTL, WORKING, MakeLab, ok, poll, slack, worked
 
-from electfsm.chaos.candidate import CandidateProcess, event_time
 from electfsm.chaos.checker import terms_of
 from electfsm.chaos.faults import PacketFilter, nft_problem
 from electfsm.chaos.lab import Lab
+from electfsm.chaos.process import CandidateProcess
+from electfsm.chaos.protocol import event_time
 from electfsm.errors import EtcdError
 from electfsm.etcd import EtcdClient
 

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from scenario_kit import MARGIN, TTL, WORKING, MakeLab, ok, poll, slack, worked
 
-from electfsm.chaos.candidate import CandidateProcess, event_time, faketime_problem
 from electfsm.chaos.checker import terms_of
 from electfsm.chaos.faults import CpuLimit, cgroup_problem
+from electfsm.chaos.process import CandidateProcess, faketime_problem
+from electfsm.chaos.protocol import event_time
 from electfsm.testing.local_etcd import LocalEtcd
 
 RENEW = TTL / 3

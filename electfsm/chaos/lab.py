@@ -15,9 +15,10 @@ from typing import Any
 
 from electfsm import clock
 from electfsm.chaos import checker
-from electfsm.chaos.candidate import CandidateProcess, EventLog, event_time
 from electfsm.chaos.faults import Link
 from electfsm.chaos.fenced import FencedResource
+from electfsm.chaos.process import CandidateProcess
+from electfsm.chaos.protocol import EventLog, event_time
 from electfsm.chaos.recorder import _kv_json
 from electfsm.errors import EtcdError
 from electfsm.etcd import EtcdClient, prefix_end

@@ -44,9 +44,9 @@ from typing import Any
 
 from electfsm import clock
 from electfsm.chaos import checker
-from electfsm.chaos.candidate import CandidateProcess
 from electfsm.chaos.cluster import PartitionableCluster
 from electfsm.chaos.lab import Lab
+from electfsm.chaos.process import CandidateProcess
 from electfsm.errors import EtcdError
 from electfsm.testing.local_etcd import LocalEtcd
 
