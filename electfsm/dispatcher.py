@@ -117,8 +117,10 @@ class Dispatcher:
         self._reason = ""
         self._elected_revision = 0
         self._begun = False  # whether the current term was alive when it entered leader
-        #: key incarnations (create revisions) of this session whose term ended: never again
-        self._spent: set[int] = set()
+        #: the largest fencing token a term of ours has had: a key incarnation whose term
+        #: ended (being deleted after resign, say) or an older one never leads again, and
+        #: tokens only grow (P1), whatever a late view or read says
+        self._last_token = 0
         #: The non-``Exception`` a hook raised (or our own failure): the machine stops on it.
         self.fatal: BaseException | None = None
         self._model = _Model()
@@ -209,7 +211,6 @@ class Dispatcher:
             log.warning("%s: session_up while %s; ignored", self.election, self.state)
             return
         self.generation, self.lease, self.ttl = event.generation, event.lease, event.ttl
-        self._spent = set()
         self._fire("session_up", f"lease {event.lease:x} granted, ttl {event.ttl}s")
         self._follow_observed()
 
@@ -228,11 +229,12 @@ class Dispatcher:
                      seen.identity if seen else "nobody")
             self.effects.recampaign(self.generation)
             return
-        if event.create_revision in self._spent:
-            # That incarnation of our key led a term that ended (resigned, deposed): it is
-            # being deleted, and the next term needs the key campaigned anew.
-            log.info("%s: key %s at revision %d already led a term; not again", self.election,
-                     event.key, event.create_revision)
+        if event.create_revision <= self._last_token:
+            # That incarnation of our key (or an older one) led a term that ended: after a
+            # resign it is being deleted, and the next term needs the key campaigned anew.
+            log.info("%s: key %s created at revision %d is not newer than our last term's "
+                     "(token %d); not leading on it", self.election, event.key,
+                     event.create_revision, self._last_token)
             return
         generation = self.generation
         late = self.clock() - self.effects.deadline(generation)
@@ -350,6 +352,7 @@ class Dispatcher:
             assert term is not None
             self._begun = False
             self.term = term
+            self._last_token = max(self._last_token, term.token)
             self.effects.bind_term(term)
             # The term begins here or never: this one check also admits the first hook (no
             # second look at the clock in between), so on_exit_leader runs exactly when it did.
@@ -379,7 +382,6 @@ class Dispatcher:
     def _exit(self, source: State, change: Change) -> None:
         if source == "leader" and self.term is not None:
             term, self.term = self.term, None
-            self._spent.add(term.token)
             term.ended_by = change.trigger
             term.cancelled.set()
             begun, self._begun = self._begun, False

@@ -172,7 +172,8 @@ class ElectorMachine(RuleBasedStateMachine):
         revision = self._next_revision()
         token = d.term.token if d.term is not None else revision
         if old_incarnation and self.tokens:  # the key of an ended term, not yet deleted
-            token = self.tokens[-1]
+            token = self.tokens[-1]  # (a real etcd never shows it in a later session; the
+            # machine must refuse it anyway: tokens only grow)
         self.h.inject(LeaderSeen(leader=LeaderInfo(identity="node-a", key=key,
                                                    create_revision=token, lease=d.lease,
                                                    value=b"node-a"), revision=revision))

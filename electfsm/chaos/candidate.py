@@ -158,7 +158,8 @@ class Candidate:
         # (and the watchdog that fires it) and the terms' validity (the dispatcher's clock).
         # At rate 1 it is the package clock itself.
         e = self.elector
-        e._session = SessionWatch(e._client, e.config, e._queue.put, clock=self.clock)
+        e._session = SessionWatch(e._client, e.config, clock=self.clock, owner=e)
+        e._session.members.append(e._member)  # the elector's own election on it
         e._dispatcher.clock = self.clock
         self._relog = False  # the monitor logs the deadline again (the clock rate changed)
         self._hook_fault: str | None = None  # "slow" | "exit": the next hook's fault
