@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from electfsm.errors import ConfigError
 from electfsm.etcd.security import TLS, Auth
+
+if TYPE_CHECKING:
+    from electfsm.etcd.client import EtcdClient
 
 #: etcd refuses requests over 1.5 MiB by default; the identity is the value of our key.
 MAX_IDENTITY_BYTES = 1024 * 1024
@@ -184,3 +187,19 @@ class ElectorConfig:
     def secure(self) -> bool:
         """https:// endpoints or TLS settings: connect with TLS."""
         return self.tls is not None or any(parse_endpoint(e)[1] for e in self.endpoints)
+
+
+def connection(endpoints: str | Sequence[str] | None, client: EtcdClient | None,
+               tls: TLS | None, auth: Auth | None,
+               call_timeout: float) -> tuple[str | Sequence[str], float]:
+    """The endpoints and call timeout to use: a shared ``client``'s, or the ones given.
+    Refuses both at once, and neither."""
+    if client is not None:
+        if endpoints is not None or tls is not None or auth is not None:
+            raise ConfigError("pass either client= (a shared connection) or "
+                              "endpoints/tls/auth, not both")
+        return list(client.hosts), client.timeout
+    if endpoints is None:
+        raise ConfigError("endpoints is empty: give at least one etcd endpoint, "
+                          "e.g. endpoints=['127.0.0.1:2379']")
+    return endpoints, call_timeout

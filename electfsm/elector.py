@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from electfsm import clock, logs
-from electfsm.config import ElectorConfig
+from electfsm.config import ElectorConfig, connection
 from electfsm.dispatcher import Dispatcher, Telemetry
 from electfsm.errors import (
     ConfigError,
@@ -84,7 +84,7 @@ class Elector(HookMethods):
         self._pid = os.getpid()
         self._shared = session
         if session is not None:
-            if endpoints is not None or tls is not None or auth is not None or client:
+            if endpoints is not None or tls is not None or auth is not None or client is not None:
                 raise ConfigError("with session=, the connection is the session's: pass "
                                   "endpoints/tls/auth/client to Session, not to the Elector")
             sc = session.config
@@ -92,14 +92,8 @@ class Elector(HookMethods):
             call_timeout, backoff_max, tls, auth = (sc.call_timeout, sc.backoff_max, sc.tls,
                                                     sc.auth)
             client = session.client
-        elif client is not None:
-            if endpoints is not None or tls is not None or auth is not None:
-                raise ConfigError("pass either client= (a shared connection) or "
-                                  "endpoints/tls/auth, not both")
-            endpoints, call_timeout = list(client.hosts), client.timeout
-        if endpoints is None:
-            raise ConfigError("endpoints is empty: give at least one etcd endpoint, "
-                              "e.g. endpoints=['127.0.0.1:2379']")
+        else:
+            endpoints, call_timeout = connection(endpoints, client, tls, auth, call_timeout)
         if not work_grace > 0:
             raise ConfigError(f"work_grace must be a positive number of seconds, got "
                               f"{work_grace!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 FIELDS = ("election", "identity", "state", "token")
@@ -32,6 +33,16 @@ def own_thread(owner: Owner) -> None:
 def disown_thread() -> None:
     """Call as the thread ends: its id may be reused by a thread someone else owns."""
     _owners.pop(threading.get_ident(), None)
+
+
+def run_owned(owner: Owner | None, body: Callable[[], None]) -> None:
+    """Run ``body`` on this thread with ``owner``'s fields on its records, then let go."""
+    if owner is not None:
+        own_thread(owner)
+    try:
+        body()
+    finally:
+        disown_thread()
 
 
 class ElectorFields(logging.Filter):

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from electfsm import clock
-from electfsm.config import ElectorConfig
-from electfsm.errors import ConfigError, ElectorStopped
+from electfsm.config import ElectorConfig, connection
+from electfsm.errors import ElectorStopped
 from electfsm.etcd import EtcdClient
 from electfsm.etcd.security import TLS, Auth
 from electfsm.sources.session import SessionWatch
@@ -44,14 +44,7 @@ class Session:
                  margin: float | None = None, call_timeout: float = 2.0,
                  backoff_max: float = 2.0, tls: TLS | None = None, auth: Auth | None = None,
                  client: EtcdClient | None = None) -> None:
-        if client is not None:
-            if endpoints is not None or tls is not None or auth is not None:
-                raise ConfigError("pass either client= (a shared connection) or "
-                                  "endpoints/tls/auth, not both")
-            endpoints, call_timeout = list(client.hosts), client.timeout
-        if endpoints is None:
-            raise ConfigError("endpoints is empty: give at least one etcd endpoint, "
-                              "e.g. endpoints=['127.0.0.1:2379']")
+        endpoints, call_timeout = connection(endpoints, client, tls, auth, call_timeout)
         # The election and identity only name the session in logs and thread names.
         self.config = ElectorConfig(endpoints=endpoints, election="electfsm-session",
                                     identity="session", ttl=ttl, margin=margin,

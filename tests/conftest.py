@@ -22,7 +22,9 @@ import pytest
 from cli_kit import Proc
 from scenario_kit import SLACK, SLACK_ENV, TTL
 
+from electfsm import Elector
 from electfsm.chaos.lab import Lab
+from electfsm.etcd import EtcdClient
 from electfsm.testing.etcd_binaries import RAFT_ELECTION_MS, RAFT_HEARTBEAT_MS, find_etcdctl_binary
 from electfsm.testing.local_etcd import LocalEtcd
 
@@ -111,6 +113,36 @@ def procs() -> Iterator[Callable[..., Proc]]:
 def etcdctl() -> str:
     """Path of the etcdctl binary (same lookup order as the etcd binary)."""
     return find_etcdctl_binary()
+
+
+MakeElector = Callable[..., Elector]
+
+
+@pytest.fixture
+def make_elector(etcd: LocalEtcd, election: str) -> Iterator[MakeElector]:
+    """``make_elector(identity, endpoint=None, start=True, **Elector kwargs)``: an elector of
+    this test's election (TTL 2 s unless given) on the session's etcd; all stopped at the end."""
+    made: list[Elector] = []
+
+    def make(identity: str, *, endpoint: str | None = None, start: bool = True,
+             **kwargs: Any) -> Elector:
+        kwargs.setdefault("ttl", 2)
+        kwargs.setdefault("election", election)
+        e = Elector(endpoints=[endpoint or etcd.endpoint], identity=identity, **kwargs)
+        made.append(e)
+        return e.start() if start else e
+
+    yield make
+    for e in made:
+        e.stop()
+
+
+@pytest.fixture
+def raw(etcd: LocalEtcd) -> Iterator[EtcdClient]:
+    """A plain client of the session's etcd, to read and write behind the electors' backs."""
+    client = EtcdClient([etcd.endpoint], timeout=5)
+    yield client
+    client.close()
 
 
 # transitions logs every callback at INFO; keep test logs to electfsm's own lines.

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import pytest
+from elector_kit import keys, own_threads
 
 from electfsm import Elector, LeaderInfo, Term, clock
 from electfsm.aio import AsyncElector
-from electfsm.etcd import EtcdClient, prefix_end
+from electfsm.etcd import EtcdClient
 from electfsm.testing.local_etcd import LocalEtcd
 
 # A hung trio run would not be interrupted by a signal: the thread method ends the run.
@@ -25,20 +26,10 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def raw(etcd: LocalEtcd) -> Iterator[EtcdClient]:
-    client = EtcdClient([etcd.endpoint], timeout=5)
-    yield client
-    client.close()
 
 
-def keys(client: EtcdClient, election: str) -> list[bytes]:
-    prefix = (election + "/").encode()
-    return [bytes(kv.key) for kv in client.range(prefix, prefix_end(prefix)).kvs]
 
 
-def own_threads(election: str) -> list[str]:
-    return [t.name for t in threading.enumerate() if election in t.name]
 
 
 async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:

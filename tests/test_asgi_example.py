@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from elector_kit import wait
 
 from electfsm.testing.etcd_binaries import free_port
 from electfsm.testing.local_etcd import LocalEtcd
@@ -19,13 +19,6 @@ from electfsm.testing.local_etcd import LocalEtcd
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait(check: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 class Replica:
@@ -73,7 +66,7 @@ def test_exactly_one_replica_runs_the_job_and_the_other_takes_over_when_it_is_ki
         replicas: list[Replica]) -> None:
     a, b = replicas
     assert wait(lambda: all((s := r.status()) is not None and s["leader"] is not None
-                            for r in replicas)), "both replicas serve /leader"
+                            for r in replicas), 20), "both replicas serve /leader"
     statuses = [r.status() for r in replicas]
     leaders = [r for r, s in zip(replicas, statuses, strict=True) if s and s["is_leader"]]
     assert len(leaders) == 1, statuses

@@ -9,16 +9,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import pytest
+from elector_kit import keys
 from scenario_kit import poll, slack
 
 from electfsm import Elector, EtcdUnavailable, NotLeaderError, ops
-from electfsm.etcd import EtcdClient, prefix_end
+from electfsm.etcd import EtcdClient
 from electfsm.events import LeaderInfo
 from electfsm.testing.etcd_binaries import free_port
 from electfsm.testing.faultproxy import FaultProxy
@@ -28,33 +29,10 @@ HERE = Path(__file__).resolve().parent
 MakeElector = Callable[..., Elector]
 
 
-@pytest.fixture
-def make_elector(etcd: LocalEtcd, election: str) -> Iterator[MakeElector]:
-    made: list[Elector] = []
-
-    def make(identity: str, *, endpoint: str | None = None, start: bool = True,
-             **kwargs: Any) -> Elector:
-        kwargs.setdefault("ttl", 2)
-        kwargs.setdefault("election", election)
-        e = Elector(endpoints=[endpoint or etcd.endpoint], identity=identity, **kwargs)
-        made.append(e)
-        return e.start() if start else e
-
-    yield make
-    for e in made:
-        e.stop()
 
 
-@pytest.fixture
-def raw(etcd: LocalEtcd) -> Iterator[EtcdClient]:
-    client = EtcdClient([etcd.endpoint], timeout=5)
-    yield client
-    client.close()
 
 
-def keys(client: EtcdClient, election: str) -> list[bytes]:
-    prefix = (election + "/").encode()
-    return [bytes(kv.key) for kv in client.range(prefix, prefix_end(prefix)).kvs]
 
 
 def settle(electors: list[Elector], timeout: float = 10) -> Elector:

@@ -6,58 +6,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from elector_kit import keys, own_threads, wait
 
 from electfsm import Elected, Elector, ElectorThreadError, HookError, SessionLost, Term, clock
-from electfsm.etcd import EtcdClient, prefix_end
+from electfsm.etcd import EtcdClient
 from electfsm.testing.local_etcd import LocalEtcd
 
 MakeElector = Callable[..., Elector]
 
 
-@pytest.fixture
-def make_elector(etcd: LocalEtcd, election: str) -> Iterator[MakeElector]:
-    made: list[Elector] = []
-
-    def make(identity: str, *, endpoint: str | None = None, start: bool = True,
-             **kwargs: Any) -> Elector:
-        kwargs.setdefault("ttl", 2)
-        kwargs.setdefault("election", election)
-        e = Elector(endpoints=[endpoint or etcd.endpoint], identity=identity, **kwargs)
-        made.append(e)
-        return e.start() if start else e
-
-    yield make
-    for e in made:
-        e.stop()
 
 
-@pytest.fixture
-def raw(etcd: LocalEtcd) -> Iterator[EtcdClient]:
-    client = EtcdClient([etcd.endpoint], timeout=5)
-    yield client
-    client.close()
 
 
-def keys(client: EtcdClient, election: str) -> list[bytes]:
-    prefix = (election + "/").encode()
-    return [bytes(kv.key) for kv in client.range(prefix, prefix_end(prefix)).kvs]
 
 
-def own_threads(election: str) -> list[str]:
-    return [t.name for t in threading.enumerate() if election in t.name]
 
 
-def wait(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def spy_queue(e: Elector) -> list[tuple[float, Any]]:

@@ -10,13 +10,13 @@ import re
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 from cli_kit import Proc, clean_env, electfsm, run
+from elector_kit import wait
 from prometheus_client import CollectorRegistry
 
 from electfsm import Elector, ElectorForkedError, ErrorReported, clock, metrics
@@ -25,15 +25,6 @@ from electfsm.testing import Harness
 from electfsm.testing.etcd_binaries import free_port
 from electfsm.testing.faultproxy import FaultProxy
 from electfsm.testing.local_etcd import LocalEtcd
-
-
-def wait(check: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def get(address: str, path: str, method: str = "GET") -> httpx.Response:

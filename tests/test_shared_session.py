@@ -6,10 +6,9 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
-from collections.abc import Callable, Iterator
 
 import pytest
+from elector_kit import wait
 
 from electfsm import Elector, Session, Term, clock
 from electfsm.etcd import EtcdClient, prefix_end
@@ -19,20 +18,8 @@ from electfsm.testing.local_etcd import LocalEtcd
 N = 10
 
 
-def wait(check: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
-@pytest.fixture
-def raw(etcd: LocalEtcd) -> Iterator[EtcdClient]:
-    client = EtcdClient([etcd.endpoint], timeout=5)
-    yield client
-    client.close()
 
 
 def leases_of(client: EtcdClient, prefix: str) -> dict[str, int]:

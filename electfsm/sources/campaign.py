@@ -116,12 +116,7 @@ class Campaign:
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
-        if self._owner is not None:
-            logs.own_thread(self._owner)
-        try:
-            self._loop()
-        finally:
-            logs.disown_thread()
+        logs.run_owned(self._owner, self._loop)
 
     def _loop(self) -> None:
         backoff = Backoff(self._config.backoff_max)
