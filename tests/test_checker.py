@@ -459,3 +459,33 @@ def test_l5_flags_a_dispatcher_gone_while_the_session_renews() -> None:
     assert run(mutate(lambda w: w["history"].append(
         ev(A, "stats", 3.0, threads=5, state="leader",
            electfsm_threads=["electfsm-dispatch[e]", "electfsm-session[e]"]))))["L5"].ok
+
+
+def _entering_then(last: dict[str, Any]) -> list[dict[str, Any]]:
+    """An incarnation that follows, starts into leader (its exit_follower hook is told
+    "elected"), and then ``last``."""
+    i = "x#1"
+    return [_tr(i, 1.0, "disconnected", "candidate", "session_up", "enter_candidate"),
+            _tr(i, 1.1, "candidate", "follower", "leader_seen", "enter_follower"),
+            _tr(i, 1.2, "follower", "leader", "elected", "exit_follower"),
+            last]
+
+
+def _tr(inc: str, t: float, src: str, dst: str, trig: str, name: str) -> dict[str, Any]:
+    return {**tr(inc, t, src, dst, trig), "hook": name}
+
+
+def test_p7_accepts_a_term_that_died_while_the_exit_hooks_ran() -> None:
+    """The dispatcher's rule: a term that dies while the old state's exit hooks run is never
+    entered; the machine goes to disconnected from where it was."""
+    diverted = _tr("x#1", 1.3, "follower", "disconnected", "session_lost",
+                   "enter_disconnected")
+    from electfsm.chaos.safety import p7_legal_transitions
+    assert p7_legal_transitions(_entering_then(diverted)).status == "pass"
+
+
+@pytest.mark.parametrize("src, trig", [("candidate", "session_lost"), ("follower", "stop")])
+def test_p7_still_flags_a_leader_entry_that_went_elsewhere(src: str, trig: str) -> None:
+    wrong = _tr("x#1", 1.3, src, "disconnected", trig, "enter_disconnected")
+    from electfsm.chaos.safety import p7_legal_transitions
+    assert p7_legal_transitions(_entering_then(wrong)).status == "fail"
