@@ -82,17 +82,18 @@ def build_machine(model: Any, **callbacks: Any) -> Machine:
     )
 
 
+#: (source, trigger) -> its row of the table; built once, looked up on every transition
+_ROW: dict[tuple[State, str], Row] = {(source, row.trigger): row
+                                      for row in reversed(TABLE) for source in row.sources}
+
+
 def internal(source: State, trigger: str) -> bool:
     """True if ``trigger`` keeps ``source`` without leaving it (no exit or enter hooks)."""
-    for row in TABLE:
-        if row.trigger == trigger and source in row.sources:
-            return row.internal or (row.trigger == "stop" and source == row.dest)
-    return False
+    row = _ROW.get((source, trigger))
+    return row is not None and (row.internal or (row.trigger == "stop" and source == row.dest))
 
 
 def legal(source: State, trigger: str) -> State | None:
     """Where ``trigger`` takes ``source`` according to the table, or None if it does not apply."""
-    for row in TABLE:
-        if row.trigger == trigger and source in row.sources:
-            return row.dest
-    return None
+    row = _ROW.get((source, trigger))
+    return None if row is None else row.dest
