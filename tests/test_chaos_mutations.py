@@ -1,6 +1,6 @@
 """The lab's mutation check: for each property, one deliberately broken candidate or elector
 behaviour (``python -m electfsm.chaos.candidate --break NAME``, a hidden option of the test
-process, see ``electfsm.chaos.candidate.MUTATIONS``) makes a real run report that property as
+process, see ``electfsm.chaos.protocol.MUTATIONS``) makes a real run report that property as
 failed, and the same run without the break passes it. A property no break can fail would be
 no evidence."""
 

@@ -98,7 +98,7 @@ def test_a_leader_whose_clock_runs_slow_or_fast_steps_down_before_its_lease_expi
 
 def test_a_scaled_clock_runs_at_its_rate_and_maps_back_onto_the_package_clock() -> None:
     from electfsm import clock
-    from electfsm.chaos.candidate import ScaledClock
+    from electfsm.chaos.node import ScaledClock
 
     scaled = ScaledClock(0.5)
     r0, l0 = clock.now(), scaled()
