@@ -110,8 +110,6 @@ class Dispatcher:
         self.telemetry: list[Telemetry] = []
         #: a hook that takes longer (on ``clock``) is logged as a warning; None: never
         self.slow_hook: float | None = None
-        #: elect on observe's view showing our key first (else only on the campaign's read)
-        self.confirm_from_stream = True
         self._reported: LeaderInfo | None = None
         self._pending: Term | None = None
         self._reason = ""
@@ -267,12 +265,13 @@ class Dispatcher:
                 self._depose(f"at revision {event.revision} {who} leads, not us")
             return
         leader = event.leader
-        if (self.confirm_from_stream and leader is not None and self.generation is not None
+        if (leader is not None and self.generation is not None
                 and self.state in ("candidate", "follower") and leader.key == self.our_key
                 and leader.lease == self.lease):
             # etcd's ordered event stream of the election shows our key (our lease: this
             # session's) first once the event at this revision is applied: the same fact a
             # read at that revision gives. Any later delete of it comes on the same stream.
+            # A follower's campaign does not wait for its predecessor: this is where it leads.
             self._elected(Elected(generation=self.generation, key=leader.key,
                                   create_revision=leader.create_revision,
                                   revision=event.revision), by="the election's event stream")

@@ -494,10 +494,14 @@ def test_electors_sharing_a_connection_share_one_watch_of_their_election(
         for e in made[:9]:
             e.start()
         leader = settle(made[:9])
-        # one shared observe watch + one predecessor watch per waiting candidate (the
-        # campaigns open theirs on their own time); a watch of the election per elector
-        # would make it 9 + 8 and never 9
-        poll(lambda: watchers(server) == 1 + 8, 10, "exactly 1 + 8 watchers")
+        # one shared observe watch, and none per waiting candidate (the election's stream
+        # elects a follower: its campaign holds no watch of its predecessor); a watch of the
+        # election per elector would make it 9, a predecessor watch per follower 1 + 8
+        poll(lambda: watchers(server) == 1, 10, "exactly 1 watcher")
+        # and no campaign keeps a thread once it has read where it stands
+        poll(lambda: not [t for t in threading.enumerate()
+                          if t.name.startswith("electfsm-campaign")], 10,
+             "no campaign thread left")
         late = made[9]
         late.start()
         assert late.wait_until(lambda e: e.leader is not None and e.state == "follower", 5)

@@ -110,16 +110,6 @@ def test_our_key_name_with_another_lease_is_not_us(h: Harness) -> None:
     assert h.state != "leader" and h.term is None
 
 
-def test_without_stream_confirmation_only_the_read_elects(h: Harness) -> None:
-    h.dispatcher.confirm_from_stream = False
-    up = h.connect()
-    ours = LeaderInfo(identity="node-a", key=h.dispatcher.our_key or "", create_revision=9,
-                      lease=up.lease, value=b"node-a")
-    h.inject(LeaderSeen(leader=ours, revision=10))
-    assert h.state == "candidate"
-    assert h.leader is None
-
-
 def test_a_view_of_our_key_after_the_deadline_does_not_elect(h: Harness) -> None:
     up = h.connect()
     ours = LeaderInfo(identity="node-a", key=h.dispatcher.our_key or "", create_revision=9,

@@ -2,10 +2,17 @@
 
 1. ``If(create_revision(key) == 0) Then Put(key, identity, lease) Else Get(key)`` with
    ``key = <election>/<lease hex>`` — the same key Go's ``concurrency.Election`` uses.
-2. Get the newest candidate older than us; watch *that one key* for DELETE from the Get's
-   revision; repeat until nobody older is left (no thundering herd).
-3. Each of those reads also checks that our key exists and carries our lease; the read that
-   finds nobody older confirms leadership and emits ``Elected`` (Go skips the check: phantoms).
+2. Read the newest candidate older than us. The read also checks that our key exists and
+   carries our lease; when it finds nobody older it confirms leadership and emits
+   ``Elected`` (Go skips the check: phantoms).
+3. Somebody older: the campaign is done. Go watches that one key for its delete and reads
+   again; here the election's ordered event stream (``sources/observe.py``, one watch of the
+   prefix per election and connection, which every elector already holds to know who leads)
+   shows the moment our key is first, and the dispatcher elects on it (see its
+   ``_leader_seen``). A second watch per follower would only repeat that stream.
+
+A campaign has a thread only while it works (the transaction, the read, a resign's delete,
+a backoff after a failure): a follower or a leader of 1,000 elections holds none.
 
 Only keys ``<election>/<lower-case hex>`` count as candidates, so a nested election
 ``<election>/x`` never blocks this one.
@@ -19,13 +26,12 @@ from collections.abc import Callable
 from typing import Any
 
 from etcd3 import etcdrpc
-from etcd3.etcdrpc import kv_pb2
 
 from electfsm import logs
 from electfsm.backoff import Backoff
 from electfsm.config import ElectorConfig
 from electfsm.errors import EtcdError, LeaseNotFound
-from electfsm.etcd import EtcdClient, Watch, prefix_end
+from electfsm.etcd import EtcdClient, prefix_end
 from electfsm.events import Elected, ErrorReported, Event
 
 log = logs.logger("electfsm.campaign")
@@ -64,7 +70,8 @@ class _KeyGone(Exception):
 
 
 class Campaign:
-    """Runs the recipe for one lease in its own thread; commands come from the dispatcher."""
+    """Runs the recipe for one lease; commands come from the dispatcher. A thread runs the
+    steps a command asks for and ends when none is left."""
 
     def __init__(self, client: EtcdClient, config: ElectorConfig, generation: int, lease: int,
                  emit: Callable[[Event], None], owner: logs.Owner | None = None) -> None:
@@ -78,20 +85,19 @@ class Campaign:
         self._end = prefix_end(self._prefix)
         self.key = candidate_key(config.prefix, lease).encode()
         self._cond = threading.Condition()
-        self._want = True
+        self._want = False
         self._resign: int | None = None
         self._cancelled = False
-        self._watch: Watch | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"electfsm-campaign[{config.election}:{lease:x}]")
+        self._thread: threading.Thread | None = None  # the one running the steps, if any
 
     # ------------------------------------------------------------------ commands
     def start(self) -> None:
-        self._thread.start()
+        self._command()
 
     def join(self, timeout: float) -> None:
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        thread = self._thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def cancel(self) -> None:
         self._command(cancel=True)
@@ -109,23 +115,37 @@ class Campaign:
             self._want = True
             if resign is not None:
                 self._resign = resign
-            watch = self._watch
-            self._cond.notify_all()
-        if watch is not None:
-            watch.cancel()
+            self._cond.notify_all()  # cuts a pause short
+            if self._cancelled or self._thread is not None:
+                return  # the running thread sees the command before it ends
+            thread = self._thread = threading.Thread(
+                target=self._run, daemon=True,
+                name=f"electfsm-campaign[{self._config.election}:{self._lease:x}]")
+        try:
+            thread.start()
+        except BaseException:
+            with self._cond:
+                self._thread = None
+            raise
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
-        logs.run_owned(self._owner, self._loop)
+        try:
+            logs.run_owned(self._owner, self._loop)
+        finally:
+            with self._cond:
+                if self._thread is threading.current_thread():
+                    self._thread = None
 
     def _loop(self) -> None:
         backoff = Backoff(self._config.backoff_max)
         last_error = ""
         while True:
             with self._cond:
-                while not self._want and not self._cancelled:
-                    self._cond.wait()
-                if self._cancelled:
+                if self._cancelled or not self._want:
+                    # Decided under the lock that commands take: a command from now on
+                    # starts a new thread.
+                    self._thread = None
                     return
                 self._want = False
                 resign = self._resign
@@ -145,7 +165,9 @@ class Campaign:
                 backoff.reset()
                 last_error = ""
             except LeaseNotFound:
-                return  # session-watch sees the loss too and starts a new session
+                with self._cond:  # session-watch sees the loss too and starts a new session
+                    self._cancelled = True
+                return
             except _KeyGone:
                 # Paced like any other failure: a key that keeps vanishing (or one squatted
                 # under our name by another lease) must not spin on etcd. A command cuts the
@@ -203,23 +225,14 @@ class Campaign:
                                  what=f"proclaim {self.key!r}")
         log.debug("%s: candidate key %r at revision %d", self._config.election, self.key,
                   revision)
-        spent: Watch | None = None  # cancelled after the next read, off the handover's path
-        try:
-            while not self._cancelled:
-                predecessor, at = self._predecessor(revision)
-                if predecessor is None:
-                    self._emit(Elected(generation=self._generation, key=self.key.decode(),
-                                       create_revision=revision, revision=at))
-                    return
-                if spent is not None:
-                    spent.cancel()
-                spent = self._wait_delete(predecessor, at + 1)
-                with self._cond:
-                    if self._want:  # a command arrived while we waited: obey it first
-                        return
-        finally:
-            if spent is not None:
-                spent.cancel()
+        if self._cancelled:
+            return
+        predecessor, at = self._predecessor(revision)
+        if predecessor is None:
+            self._emit(Elected(generation=self._generation, key=self.key.decode(),
+                               create_revision=revision, revision=at))
+        # else: somebody older leads or waits; the election's event stream shows when we
+        # are first (module docstring, step 3)
 
     def _predecessor(self, revision: int) -> tuple[bytes | None, int]:
         """One read: our key must still be there with our lease (else :class:`_KeyGone`);
@@ -249,26 +262,3 @@ class Campaign:
             raise _KeyGone()
         older = candidates[1] if len(candidates) > 1 else None
         return (bytes(older.key) if older is not None else None), int(resp.header.revision)
-
-    def _wait_delete(self, key: bytes, start_revision: int) -> Watch | None:
-        """Wait until ``key`` is deleted. Returns that watch still open when it was: the
-        caller cancels it after the read that follows (a cancel costs a round of gRPC work
-        the successor should not wait for); otherwise it is cancelled here."""
-        watch = self._client.watch(key, start_revision=start_revision, no_put=True)
-        with self._cond:
-            if self._cancelled or self._want:
-                watch.cancel()
-                return None
-            self._watch = watch
-        deleted = False
-        try:
-            for resp in watch:
-                if any(ev.type == kv_pb2.Event.DELETE for ev in resp.events):
-                    deleted = True
-                    return watch
-            return None
-        finally:
-            if not deleted:
-                watch.cancel()
-            with self._cond:
-                self._watch = None
