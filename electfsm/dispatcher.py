@@ -27,7 +27,7 @@ from electfsm.events import (
     Stop,
 )
 from electfsm.hooks import Hooks
-from electfsm.machine import STATES, State, build_machine, internal, legal
+from electfsm.machine import State, attach, internal, legal
 from electfsm.term import Term
 
 log = logs.logger("electfsm")
@@ -122,10 +122,7 @@ class Dispatcher:
         #: The non-``Exception`` a hook raised (or our own failure): the machine stops on it.
         self.fatal: BaseException | None = None
         self._model = _Model()
-        self._machine = build_machine(self._model)
-        for state in STATES:
-            st = self._machine.get_state(state)
-            st.add_callback("enter", self._on_enter)
+        attach(self._model)
 
     # ------------------------------------------------------------------ views
     @property
@@ -332,6 +329,7 @@ class Dispatcher:
                 reason = self._reason = ("the term ended before it began (deadline passed or "
                                          f"elector stopping while leaving {source})")
         if self._model.trigger(trigger):  # type: ignore[attr-defined]
+            self._on_enter(source, dest, trigger)
             self.transitions += 1
             log.info("%s: %s --%s--> %s (%s)", self.election, source, trigger, self.state, reason)
             for t in self.telemetry:
@@ -344,8 +342,8 @@ class Dispatcher:
         term = self._pending
         return self.fatal is None and term is not None and term.valid
 
-    def _on_enter(self, event: Any) -> None:
-        dest: State = event.transition.dest
+    def _on_enter(self, source: State, dest: State, trigger: str) -> None:
+        """The state's enter hooks, once the machine is in ``dest``."""
         if dest == "leader":
             term, self._pending = self._pending, None
             assert term is not None
@@ -376,7 +374,8 @@ class Dispatcher:
                     self._report(exc, "run_while_leader")
                     break
         else:
-            self._run_hooks(f"enter_{dest}", self._change(event))
+            self._run_hooks(f"enter_{dest}", Change(source=source, dest=dest, trigger=trigger,
+                                                    reason=self._reason))
 
     def _exit(self, source: State, change: Change) -> None:
         if source == "leader" and self.term is not None:
@@ -388,10 +387,6 @@ class Dispatcher:
                 self._run_hooks("exit_leader", term)
         elif source != "leader":
             self._run_hooks(f"exit_{source}", change)
-
-    def _change(self, event: Any) -> Change:
-        return Change(source=event.transition.source, dest=event.transition.dest,
-                      trigger=event.event.name, reason=self._reason)
 
     def _alive(self, term: Term) -> bool:
         return self.fatal is None and self.term is term and term.valid
@@ -415,7 +410,10 @@ class Dispatcher:
     # ------------------------------------------------------------------ hooks
     def _run_hooks(self, name: str, *args: Any, alive: Callable[[], bool] | None = None,
                    first_admitted: bool = False) -> None:
-        for i, fn in enumerate(list(self.hooks.get(name))):
+        fns = self.hooks.get(name)
+        if not fns:
+            return
+        for i, fn in enumerate(list(fns)):
             if alive is not None and not (first_admitted and i == 0) and not alive():
                 log.warning("%s: the term ended while on_%s hooks ran; %s not run",
                             self.election, name, getattr(fn, "__qualname__", fn))
@@ -463,6 +461,8 @@ class Dispatcher:
 
 
 def _same_leader(a: LeaderInfo | None, b: LeaderInfo | None) -> bool:
+    if a is b:
+        return True
     if a is None or b is None:
         return a is b
     return ((a.key, a.create_revision, a.lease, a.value)

@@ -6,6 +6,7 @@ The ``transitions`` machine (:func:`build_machine`), the diagrams in ``diagrams/
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Literal
 
 import attrs
@@ -64,7 +65,7 @@ def transition_configs() -> list[dict[str, Any]]:
 
 
 def build_machine(model: Any, **callbacks: Any) -> Machine:
-    """A ``transitions`` machine for ``model`` built from :data:`TABLE`.
+    """A ``transitions`` machine for ``model`` (None: no model yet) built from :data:`TABLE`.
 
     Invalid triggers are ignored (the caller decides what a state does not accept),
     and no ``to_<state>`` shortcuts exist: the table is the only way between states.
@@ -76,7 +77,6 @@ def build_machine(model: Any, **callbacks: Any) -> Machine:
         initial=INITIAL,
         auto_transitions=False,
         ignore_invalid_triggers=True,
-        send_event=True,
         model_attribute="fsm_state",
         **callbacks,
     )
@@ -97,3 +97,23 @@ def legal(source: State, trigger: str) -> State | None:
     """Where ``trigger`` takes ``source`` according to the table, or None if it does not apply."""
     row = _ROW.get((source, trigger))
     return None if row is None else row.dest
+
+
+#: The one machine every dispatcher's model moves through. Its states, events and
+#: transitions are the table's and nothing else (no callbacks: the dispatcher runs its hooks
+#: around the trigger), so they are built once per process instead of once per elector,
+#: where they were the largest part of an elector's memory. Unqueued, it keeps no state of
+#: its own between triggers: models on different threads move through it independently.
+_MACHINE = build_machine(None)
+_MACHINE_LOCK = threading.Lock()
+
+
+def attach(model: Any) -> None:
+    """Give ``model`` the table's triggers and put it in :data:`INITIAL`.
+
+    The shared machine keeps no reference to it: transitions' ``remove_model`` leaves a
+    model's triggers working, so the model lives exactly as long as its dispatcher.
+    """
+    with _MACHINE_LOCK:
+        _MACHINE.add_model(model, initial=INITIAL)
+        _MACHINE.remove_model(model)

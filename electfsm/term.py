@@ -38,6 +38,7 @@ class Term:
     ended_by: str | None = None
     _deadline: Callable[[], float] = attrs.field(repr=False, alias="deadline_fn")
     _clock: Callable[[], float] = attrs.field(repr=False, alias="clock")
+    _info: LeaderInfo | None = attrs.field(default=None, init=False, repr=False)
 
     @property
     def deadline(self) -> float:
@@ -60,5 +61,10 @@ class Term:
 
     @property
     def info(self) -> LeaderInfo:
-        return LeaderInfo(identity=self.identity, key=self.key, create_revision=self.token,
-                          lease=self.lease, value=self.value)
+        """This term's leader as observe would report it (made once: read on every event)."""
+        info = self._info
+        if info is None:
+            info = self._info = LeaderInfo(identity=self.identity, key=self.key,
+                                           create_revision=self.token, lease=self.lease,
+                                           value=self.value)
+        return info
