@@ -498,10 +498,11 @@ def test_electors_sharing_a_connection_share_one_watch_of_their_election(
         # elects a follower: its campaign holds no watch of its predecessor); a watch of the
         # election per elector would make it 9, a predecessor watch per follower 1 + 8
         poll(lambda: watchers(server) == 1, 10, "exactly 1 watcher")
-        # and no campaign keeps a thread once it has read where it stands
+        # and no campaign or observe keeps a thread once it knows where it stands: each
+        # elector's only thread is its dispatcher
         poll(lambda: not [t for t in threading.enumerate()
-                          if t.name.startswith("electfsm-campaign")], 10,
-             "no campaign thread left")
+                          if t.name.startswith(("electfsm-campaign", "electfsm-observe"))],
+             10, "no campaign or observe thread left")
         late = made[9]
         late.start()
         assert late.wait_until(lambda e: e.leader is not None and e.state == "follower", 5)

@@ -12,7 +12,7 @@ import pytest
 
 from electfsm import EtcdError, EtcdUnavailable, LeaderSeen
 from electfsm.etcd import EtcdClient
-from electfsm.events import Event
+from electfsm.events import ErrorReported, Event
 from electfsm.sources.campaign import is_candidate_key
 from electfsm.sources.observe import Observer
 from electfsm.testing.faultproxy import FaultProxy
@@ -281,3 +281,50 @@ def test_watches_of_one_connection_share_one_stream_yet_end_on_their_own(
     ended = [got.get(timeout=5) for _ in range(19)]
     assert all(isinstance(e, EtcdError) for _, e in ended), ended
     assert all(not t.is_alive() for t in threads if t.join(5) is None)
+
+
+def reads_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "electfsm-observe-reads"]
+
+
+def test_an_idle_observer_holds_no_thread(etcd: LocalEtcd, election: str) -> None:
+    """observe's watch events are applied by the connection's watch reader and its reads
+    run on a thread that exists only while one is due: once it follows, it holds none."""
+    events: queue.Queue[Event] = queue.Queue()
+    client = EtcdClient([etcd.endpoint], timeout=2)
+    before = {t.ident for t in threading.enumerate()}
+    observer = Observer(client, election, events.put, backoff_max=0.2)
+    try:
+        observer.start()
+        assert next_leader(events).leader is None
+        deadline = time.monotonic() + 5
+        while reads_threads() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        mine = [t.name for t in threading.enumerate()
+                if t.ident not in before and t.name.startswith("electfsm")]
+        assert mine == ["electfsm-watch"], mine  # the connection's reader, no observe thread
+    finally:
+        observer.stop(5)
+        client.close()
+
+
+def test_stopping_an_observer_that_waits_to_read_again_leaves_no_thread(
+        make_etcd: Callable[..., LocalEtcd], election: str) -> None:
+    """An observer whose reads fail waits (backoff) to read again on the read thread;
+    stop() drops that read, and the thread ends with it instead of outliving the elector."""
+    server = make_etcd()
+    with FaultProxy(server.endpoint) as proxy:
+        events: queue.Queue[Event] = queue.Queue()
+        client = EtcdClient([proxy.endpoint], timeout=0.3)
+        observer = Observer(client, election, events.put, backoff_max=30)
+        try:
+            proxy.refuse()
+            observer.start()
+            while not isinstance(events.get(timeout=5), ErrorReported):
+                pass
+            assert reads_threads(), "precondition: a read is due again, later"
+            observer.stop(5)
+            assert not reads_threads()
+        finally:
+            observer.stop(5)
+            client.close()

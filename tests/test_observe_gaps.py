@@ -155,12 +155,11 @@ class _WritesBeforeWatching(EtcdClient):
 
     before_watch: Callable[[], None] | None = None
 
-    def watch(self, key: bytes, range_end: bytes = b"", *, start_revision: int = 0,
-              no_put: bool = False) -> Watch:
+    def watch(self, key: bytes, range_end: bytes = b"", **kwargs: Any) -> Watch:
         hook, self.before_watch = self.before_watch, None
         if hook is not None:
             hook()
-        return super().watch(key, range_end, start_revision=start_revision, no_put=no_put)
+        return super().watch(key, range_end, **kwargs)
 
 
 def test_leader_seen_is_stamped_with_the_revision_of_the_last_event_applied(

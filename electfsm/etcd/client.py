@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -401,12 +401,15 @@ class EtcdClient:
 
     # ------------------------------------------------------------------ watch
     def watch(self, key: bytes, range_end: bytes = b"", *, start_revision: int = 0,
-              no_put: bool = False) -> Watch:
-        """Open a watch stream owned by the caller (iterate it; ``cancel()`` from anywhere)."""
+              no_put: bool = False, on_event: Callable[[Any], None] | None = None,
+              on_error: Callable[[EtcdError], None] | None = None) -> Watch:
+        """Open a watch owned by the caller: iterate it, or give ``on_event``/``on_error``
+        to be called from the stream's reader (see :class:`Watch`); ``cancel()`` from
+        anywhere."""
         filters = [etcdrpc.WatchCreateRequest.NOPUT] if no_put else []
         create = etcdrpc.WatchCreateRequest(key=key, range_end=range_end,
                                             start_revision=start_revision, filters=filters)
-        return Watch(self, create, key)
+        return Watch(self, create, key, on_event, on_error)
 
     def _watch_stream(self, what: str) -> _WatchStream:
         with self._ka_lock:

@@ -179,11 +179,24 @@ _created_seam: Callable[[Watch], None] | None = None
 class Watch:
     """One etcd watch (on the client's shared watch stream). Iterating yields
     ``WatchResponse`` messages with events; errors come out as
-    :class:`~electfsm.errors.EtcdError`; :meth:`cancel` ends it, from any thread."""
+    :class:`~electfsm.errors.EtcdError`; :meth:`cancel` ends it, from any thread.
 
-    def __init__(self, client: EtcdClient, create: Any, key: bytes) -> None:
+    With ``on_event``/``on_error`` it holds no queue and is not iterated: the stream's reader
+    thread calls ``on_event(response)`` for each response with events, in order, and
+    ``on_error(error)`` once when the watch fails (compaction, etcd's cancel, the stream's
+    end). Both must return quickly and never block: every watch of the connection waits
+    behind them. Nothing is called once :meth:`cancel` has returned, except one call already
+    under way.
+    """
+
+    def __init__(self, client: EtcdClient, create: Any, key: bytes,
+                 on_event: Callable[[Any], None] | None = None,
+                 on_error: Callable[[EtcdError], None] | None = None) -> None:
         self._key = key
-        self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._on_event = on_event
+        self._on_error = on_error
+        self._items: queue.SimpleQueue[Any] | None = (
+            queue.SimpleQueue() if on_event is None else None)
         self.cancelled = False
         self.watch_id: int | None = None
         self._stream = client._watch_stream(f"watch {key!r}")
@@ -191,26 +204,54 @@ class Watch:
             self._stream = client._watch_stream(f"watch {key!r}")
 
     def _deliver(self, item: Any) -> None:
-        self._items.put(item)
+        if self._items is not None:
+            self._items.put(item)
+            return
+        if item is None or self.cancelled:  # None: cancel() waking an iterator
+            return
+        try:
+            resp = self._check(item)
+        except EtcdError as exc:
+            self._call(self._on_error, exc)
+            return
+        if resp is not None:
+            self._call(self._on_event, resp)
+
+    def _call(self, fn: Callable[[Any], None] | None, arg: Any) -> None:
+        """A callback's failure is its watch's, never the reader's (which serves them all)."""
+        try:
+            if fn is not None:
+                fn(arg)
+        except Exception as exc:
+            log.exception("watch %r: its handler failed", self._key)
+            if fn is not self._on_error and self._on_error is not None:
+                self._on_error(EtcdError(f"watch {self._key!r}: its handler failed ({exc!r})"))
+
+    def _check(self, item: Any) -> Any:
+        """``item`` as a response with events (None: without), or the error it carries."""
+        what = f"watch {self._key!r}"
+        if isinstance(item, WatchCompacted):
+            raise item
+        if isinstance(item, EtcdError):  # the shared stream failed: each watch says so
+            raise type(item)(f"{what}: {item}")
+        if item.compact_revision:
+            raise WatchCompacted(f"{what}: revision compacted up to {item.compact_revision}",
+                                 int(item.compact_revision))
+        if item.canceled:
+            reason = item.cancel_reason or "no reason given"
+            raise EtcdError(f"{what}: etcd cancelled it ({reason})")
+        return item if item.events else None
 
     def __iter__(self) -> Iterator[Any]:
-        what = f"watch {self._key!r}"
+        if self._items is None:
+            raise TypeError("a watch with on_event is not iterated: its reader calls it")
         while True:
             item = self._items.get()
             if self.cancelled:
                 return
-            if isinstance(item, WatchCompacted):
-                raise item
-            if isinstance(item, EtcdError):  # the shared stream failed: each watch says so
-                raise type(item)(f"{what}: {item}")
-            if item.compact_revision:
-                raise WatchCompacted(f"{what}: revision compacted up to {item.compact_revision}",
-                                     int(item.compact_revision))
-            if item.canceled:
-                reason = item.cancel_reason or "no reason given"
-                raise EtcdError(f"{what}: etcd cancelled it ({reason})")
-            if item.events:
-                yield item
+            resp = self._check(item)
+            if resp is not None:
+                yield resp
 
     def cancel(self) -> None:
         self._stream.cancel(self)

@@ -4,10 +4,18 @@ It keeps every candidate (``<election>/<lease hex>``) it knows of, read at a pin
 and then updated by PUT and DELETE events from the next revision on. The leader is the
 candidate with the lowest create revision. On a broken stream or compaction it reads again
 and watches again from that read's revision + 1, so no change is lost.
+
+It has no thread of its own. The watch's events are applied by the connection's watch reader
+as they come (a dictionary update and, when the leader changed, one event queued to the
+dispatcher); the reads run on the connection's read thread (:class:`_Reads`), which exists
+only while a read is due. An idle election costs no thread at all.
 """
 
 from __future__ import annotations
 
+import functools
+import heapq
+import itertools
 import threading
 import weakref
 from collections.abc import Callable
@@ -15,7 +23,7 @@ from typing import Any
 
 from etcd3.etcdrpc import kv_pb2
 
-from electfsm import logs
+from electfsm import clock, logs
 from electfsm.backoff import Backoff
 from electfsm.errors import EtcdError, WatchCompacted
 from electfsm.etcd import EtcdClient, Watch, prefix_end
@@ -36,6 +44,15 @@ def leader_of(candidates: dict[bytes, Any]) -> LeaderInfo | None:
                       value=bytes(kv.value))
 
 
+class _View:
+    """The candidates one read found, kept up to date by its watch's events."""
+
+    def __init__(self, candidates: dict[bytes, Any]) -> None:
+        self.candidates = candidates
+        self.first = _first(candidates)
+        self.heard = False  # its watch has delivered events
+
+
 class Observer:
     """Watches an election and emits :class:`LeaderSeen` whenever its leader changes."""
 
@@ -46,111 +63,212 @@ class Observer:
         self._emit = emit
         self._prefix = (election + "/").encode()
         self._end = prefix_end(self._prefix)
-        self._backoff_max = backoff_max
-        self._stopping = threading.Event()
+        self._backoff = Backoff(backoff_max)
+        self._last_error = ""
+        self._stopping = False
+        #: Held while the view changes and while it is reported: a read (on the read thread)
+        #: and the watch's events (on the watch reader) take turns; ``stop()`` waits for it.
         self._lock = threading.Lock()
+        self._view: _View | None = None  # the current read's; events of any other are stale
         self._watch: Watch | None = None
+        self._not_reading = threading.Event()
+        self._not_reading.set()
         self._last: LeaderInfo | None = None
         self._last_key: bytes | None = None
         self._reported = False
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"electfsm-observe[{election}]")
 
     def start(self) -> None:
-        self._thread.start()
+        _reads(self._client).schedule(0.0, self._read)
 
     def stop(self, timeout: float) -> None:
-        self._stopping.set()
+        """No event is emitted once this returns; a read under way is waited for."""
         with self._lock:
-            watch = self._watch
+            self._stopping = True
+            watch, self._watch, self._view = self._watch, None, None
         if watch is not None:
             watch.cancel()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        end = clock.now() + timeout
+        self._not_reading.wait(timeout)
+        # A read it still had due (a backoff after a failure) is dropped; the read thread,
+        # if nothing else is due, ends now rather than outlive the observers it served.
+        idle = _reads(self._client).drop(self)
+        if idle is not None and idle is not threading.current_thread():
+            idle.join(max(0.0, end - clock.now()))
 
     def resync(self) -> None:
         """Drop the current stream and read again (e.g. after the session came back)."""
         with self._lock:
-            watch = self._watch
-        if watch is not None:
-            watch.cancel()
+            watch, self._watch = self._watch, None
+            if watch is None or self._stopping:
+                return  # a read is due or under way already: it is fresh
+            self._view = None
+        watch.cancel()
+        _reads(self._client).schedule(0.0, self._read)
 
-    def _run(self) -> None:
-        backoff = Backoff(self._backoff_max)
-        last_error = ""
-        while not self._stopping.is_set():
-            try:
-                self._observe()
-                backoff.reset()
-            except WatchCompacted as exc:
-                log.info("%s: %s; reading again", self._election, exc)
-            except Exception as exc:  # EtcdError, or a bug below us: never end the thread
-                if self._stopping.is_set():
-                    return
-                if not isinstance(exc, EtcdError):
-                    log.exception("%s: observe raised unexpectedly", self._election)
-                if str(exc) != last_error:
-                    log.info("%s: observe failed, retrying: %s", self._election, exc)
-                    self._emit(ErrorReported(error=exc, where="observe"))
-                    last_error = str(exc)
-                self._stopping.wait(backoff.next())
+    # ------------------------------------------------------------------ on the read thread
+    def _read(self) -> None:
+        with self._lock:
+            if self._stopping:
+                return
+            self._not_reading.clear()
+        try:
+            self._read_and_watch()
+        except Exception as exc:  # EtcdError, or a bug below us: never stop observing
+            self._failed(exc)
+        finally:
+            self._not_reading.set()
 
-    def _observe(self) -> None:
+    def _read_and_watch(self) -> None:
         resp = self._client.range(self._prefix, self._end)
         revision = int(resp.header.revision)
-        candidates = {bytes(kv.key): kv for kv in resp.kvs
-                      if is_candidate_key(self._prefix, bytes(kv.key))}
-        first = _first(candidates)
-        self._report(candidates, first, revision, force=False)
-        watch = self._client.watch(self._prefix, self._end, start_revision=revision + 1)
+        view = _View({bytes(kv.key): kv for kv in resp.kvs
+                      if is_candidate_key(self._prefix, bytes(kv.key))})
         with self._lock:
-            if self._stopping.is_set():
-                watch.cancel()
+            if self._stopping:
                 return
-            self._watch = watch
-        try:
-            for wresp in watch:
-                # O(1) per event: the first candidate changes only when it goes (then we
-                # look again, once per response) or when its own key is written. With N
-                # candidates each joining once, a full scan per event would cost N^2.
-                touched = False
-                lost_first = False
-                for ev in wresp.events:
-                    key = bytes(ev.kv.key)
-                    if not is_candidate_key(self._prefix, key):
-                        continue
-                    if ev.type == kv_pb2.Event.DELETE:
-                        candidates.pop(key, None)
-                        lost_first = lost_first or key == first
-                    else:
-                        candidates[key] = ev.kv
-                        if first is None or (not lost_first and ev.kv.create_revision
-                                             < candidates[first].create_revision):
-                            first = key
-                    touched = touched or key == first or key == self._last_key
-                if lost_first:
-                    first = _first(candidates)
-                # The view is that of the last event applied, not of the header: while etcd
-                # sends a backlog, the header's revision is ahead of the events it carries.
-                self._report(candidates, first, int(wresp.events[-1].kv.mod_revision),
-                             force=touched)
-        finally:
+            self._view = view
+            self._report(view, revision, force=False)
+        watch = self._client.watch(self._prefix, self._end, start_revision=revision + 1,
+                                   on_event=functools.partial(self._on_event, view),
+                                   on_error=functools.partial(self._on_error, view))
+        with self._lock:
+            current = self._view is view  # else it failed already, or stop()/resync() came
+            if current:
+                self._watch = watch
+        if not current:
             watch.cancel()
-            with self._lock:
-                self._watch = None
 
-    def _report(self, candidates: dict[bytes, Any], first: bytes | None, revision: int,
-                *, force: bool) -> None:
-        """Tell the dispatcher who leads. Skipped only when the leader is the one reported
-        last in every field (key, create revision, lease, value) and no event touched its
-        key (or the last reported one's): every put or delete of the leader's key is
-        reported, and so is a new incarnation of the same key that a read after a gap finds
-        (the leader resigned and won again alone while the stream was down)."""
-        leader = None if first is None else leader_of({first: candidates[first]})
+    def _failed(self, exc: Exception) -> None:
+        if self._stopping:
+            return
+        if isinstance(exc, WatchCompacted):
+            log.info("%s: %s; reading again", self._election, exc)
+            _reads(self._client).schedule(0.0, self._read)
+            return
+        if not isinstance(exc, EtcdError):
+            log.error("%s: observe raised unexpectedly", self._election, exc_info=exc)
+        if str(exc) != self._last_error:  # report each new problem once, not every retry
+            log.info("%s: observe failed, retrying: %s", self._election, exc)
+            self._emit(ErrorReported(error=exc, where="observe"))
+            self._last_error = str(exc)
+        _reads(self._client).schedule(self._backoff.next(), self._read)
+
+    # ------------------------------------------------------------------ on the watch reader
+    def _on_error(self, view: _View, exc: EtcdError) -> None:
+        with self._lock:
+            if self._view is not view or self._stopping:
+                return
+            self._view = None
+            watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+        self._failed(exc)
+
+    def _on_event(self, view: _View, wresp: Any) -> None:
+        with self._lock:
+            if self._view is not view or self._stopping:
+                return
+            if not view.heard:
+                view.heard = True
+                self._backoff.reset()  # the stream works again
+            candidates, first = view.candidates, view.first
+            # O(1) per event: the first candidate changes only when it goes (then we look
+            # again, once per response) or when its own key is written. With N candidates
+            # each joining once, a full scan per event would cost N^2.
+            touched = False
+            lost_first = False
+            for ev in wresp.events:
+                key = bytes(ev.kv.key)
+                if not is_candidate_key(self._prefix, key):
+                    continue
+                if ev.type == kv_pb2.Event.DELETE:
+                    candidates.pop(key, None)
+                    lost_first = lost_first or key == first
+                else:
+                    candidates[key] = ev.kv
+                    if first is None or (not lost_first and ev.kv.create_revision
+                                         < candidates[first].create_revision):
+                        first = key
+                touched = touched or key == first or key == self._last_key
+            if lost_first:
+                first = _first(candidates)
+            view.first = first
+            # The view is that of the last event applied, not of the header: while etcd
+            # sends a backlog, the header's revision is ahead of the events it carries.
+            self._report(view, int(wresp.events[-1].kv.mod_revision), force=touched)
+
+    def _report(self, view: _View, revision: int, *, force: bool) -> None:
+        """Tell the dispatcher who leads (with the lock held). Skipped only when the leader
+        is the one reported last in every field (key, create revision, lease, value) and no
+        event touched its key (or the last reported one's): every put or delete of the
+        leader's key is reported, and so is a new incarnation of the same key that a read
+        after a gap finds (the leader resigned and won again alone while the stream was
+        down)."""
+        first = view.first
+        leader = None if first is None else leader_of({first: view.candidates[first]})
         if self._reported and leader == self._last and not force:
             return
         self._last, self._last_key, self._reported = leader, first, True
         self._emit(LeaderSeen(leader=leader, revision=revision))
+
+
+class _Reads:
+    """The reads observers of one connection need, run one at a time, each when it is due,
+    on a thread that exists only while one is due (a backoff after a failure keeps it)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def schedule(self, delay: float, read: Callable[[], None]) -> None:
+        with self._cond:
+            heapq.heappush(self._due, (clock.now() + delay, next(self._order), read))
+            self._cond.notify()
+            if self._thread is not None:
+                return
+            thread = self._thread = threading.Thread(target=self._run, daemon=True,
+                                                     name="electfsm-observe-reads")
+        thread.start()
+
+    def drop(self, observer: Observer) -> threading.Thread | None:
+        """Forget the reads due for ``observer``; returns the thread if none is left due
+        (it ends once it sees that)."""
+        with self._cond:
+            self._due = [d for d in self._due if getattr(d[2], "__self__", None) is not observer]
+            heapq.heapify(self._due)
+            self._cond.notify()
+            return self._thread if not self._due else None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if not self._due:
+                        self._thread = None  # decided under the lock schedule() takes
+                        return
+                    wait = self._due[0][0] - clock.now()
+                    if wait <= 0:
+                        read = heapq.heappop(self._due)[2]
+                        break
+                    self._cond.wait(wait)
+            try:
+                read()
+            except Exception:  # a read reports its own failures; this is a bug of ours
+                log.exception("observe: a read failed unexpectedly")
+
+
+_READS: weakref.WeakKeyDictionary[EtcdClient, _Reads] = weakref.WeakKeyDictionary()
+_READS_LOCK = threading.Lock()
+
+
+def _reads(client: EtcdClient) -> _Reads:
+    with _READS_LOCK:
+        reads = _READS.get(client)
+        if reads is None:
+            reads = _READS[client] = _Reads()
+        return reads
 
 
 def _first(candidates: dict[bytes, Any]) -> bytes | None:
