@@ -290,7 +290,9 @@ class Lab:
         a lost revoke left behind: those expire within the TTL)."""
         prefix = (self.election + "/").encode()
         known = leases_in(history)
-        deadline = clock.now() + self.ttl + 3.0
+        # the longest TTL any candidate ran with: a killed one's key lives that long
+        ttl = max([self.ttl, *(c.ttl for c in self.candidates)])
+        deadline = clock.now() + ttl + 3.0
         keys: list[str] = []
         leases: list[int] = []
         while True:
