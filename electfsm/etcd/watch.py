@@ -213,4 +213,5 @@ class Watch:
                 yield item
 
     def cancel(self) -> None:
+        """End this watch, here and at etcd; from any thread."""
         self._stream.cancel(self)
