@@ -29,12 +29,19 @@ class TransitionTable(SphinxDirective):
     has_content = False
 
     def run(self) -> list[nodes.Node]:
-        from electfsm.machine import TABLE
+        from electfsm.machine import TABLE, internal
+
+        def hooks(sources: tuple[str, ...], trigger: str) -> str:
+            stays = [s for s in sources if internal(s, trigger)]  # type: ignore[arg-type]
+            if len(stays) == len(sources):
+                return "none (internal)"
+            if stays:
+                return f"exit, then enter (none from {', '.join(stays)})"
+            return "exit, then enter"
 
         header = ("from", "event", "to", "hooks", "when")
-        rows = [(", ".join(row.sources), row.trigger, row.dest,
-                 "none (internal)" if row.internal else "exit, then enter", row.note)
-                for row in TABLE]
+        rows = [(", ".join(row.sources), row.trigger, row.dest, hooks(row.sources, row.trigger),
+                 row.note) for row in TABLE]
         table = nodes.table(classes=["electfsm-transitions"])
         group = nodes.tgroup(cols=len(header))
         table += group
