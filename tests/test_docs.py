@@ -16,7 +16,9 @@ Not run:
 - ``{code-block} python`` directives: illustrations with placeholders (a production
   endpoint, a password from the environment), rendered but never meant to run.
 
-The Sphinx build itself (``-W -n``) is not a test here: ``make test`` and ``make docs`` run it.
+The README's examples are not run (no test runs them: they address an etcd at
+``127.0.0.1:2379`` and stop at ``...``); the docs hold their runnable counterparts. The Sphinx
+build itself (``-W -n``) is not a test here: ``make test`` and ``make docs`` run it.
 
 Every public name is documented
 -------------------------------
