@@ -42,6 +42,8 @@ html_static_path: list[str] = []
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autoclass_content = "both"
+# long signatures (Elector has a dozen keyword arguments) one parameter a line
+python_maximum_signature_line_length = 88
 
 nitpicky = True
 
