@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) -m electfsm.cli.demo
 
 test: $(STAMP)
-	$(PY) -m ruff check electfsm tests bench examples
+	$(PY) -m ruff check electfsm tests bench examples docs
 	$(PY) -m mypy electfsm
 	$(SPHINX)
 	$(PY) -m pytest -q

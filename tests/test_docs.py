@@ -31,6 +31,7 @@ from (``make test`` builds it just before), else one built for this test.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import importlib
 import inspect
@@ -136,18 +137,21 @@ def test_page_examples_run(page: Path, tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------ API coverage
-def read_inventory(path: Path) -> set[str]:
-    """Names of the Python objects in a Sphinx ``objects.inv`` (format version 2)."""
+def read_inventory(path: Path) -> dict[str, set[str]]:
+    """The object names in a Sphinx ``objects.inv`` (format version 2), by kind: ``py`` (every
+    Python object but modules) and ``std:cmdoption`` (command-line options)."""
     data = path.read_bytes()
     header_end = 0
     for _ in range(4):
         header_end = data.index(b"\n", header_end) + 1
     assert data.startswith(b"# Sphinx inventory version 2"), path
-    names = set()
+    names: dict[str, set[str]] = {"py": set(), "std:cmdoption": set()}
     for line in zlib.decompress(data[header_end:]).decode().splitlines():
         match = re.match(r"(?x)(.+?)\s+(\S+):(\S+)\s+(-?\d+)\s+(\S*)\s+(.*)", line)
         if match and match[2] == "py" and match[3] != "module":
-            names.add(match[1])
+            names["py"].add(match[1])
+        elif match and f"{match[2]}:{match[3]}" == "std:cmdoption":
+            names["std:cmdoption"].add(match[1])
     return names
 
 
@@ -158,13 +162,18 @@ def _newest_source() -> float:
 
 
 @pytest.fixture(scope="module")
-def inventory(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+def objects_inv(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     if BUILT_INVENTORY.exists() and BUILT_INVENTORY.stat().st_mtime >= _newest_source():
         return read_inventory(BUILT_INVENTORY)
     out = tmp_path_factory.mktemp("docs-html")
     subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", "-E", str(DOCS),
                     str(out)], check=True, cwd=ROOT, timeout=300)
     return read_inventory(out / "objects.inv")
+
+
+@pytest.fixture(scope="module")
+def inventory(objects_inv: dict[str, set[str]]) -> set[str]:
+    return objects_inv["py"]
 
 
 @functools.cache
@@ -214,3 +223,20 @@ def test_an_undocumented_name_is_reported(inventory: set[str]) -> None:
     fake.Undocumented = type("Undocumented", (), {"__module__": "electfsm.fake"})  # type: ignore[attr-defined]
     assert documented(fake, "Elector", inventory)  # found under its home module's name
     assert not documented(fake, "Undocumented", inventory)
+
+
+def test_every_command_and_option_is_in_the_cli_reference(
+        objects_inv: dict[str, set[str]]) -> None:
+    from electfsm.cli.parser import build_parser
+
+    parser, commands = build_parser()
+    expected = set()
+    for prog, p in [("electfsm", parser)] + [(f"electfsm-{n}", c) for n, c in commands.items()]:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            for name in action.option_strings or [str(action.metavar or action.dest)]:
+                expected.add(f"{prog}.{name}")
+    assert len(expected) >= 60, expected
+    missing = expected - objects_inv["std:cmdoption"]
+    assert not missing, f"options missing from docs/reference/cli.rst: {sorted(missing)}"
