@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test diagrams handover cli-handover timeline bench bench-aio bench-shards chaos clean
+.PHONY: demo test docs diagrams handover cli-handover timeline bench bench-aio bench-shards chaos clean
 
 # Fault tests use libfaketime (clock skew) and nftables (packet loss) from Debian when they can
 # be installed (as root, with apt); without them those tests are skipped and say why.
@@ -23,9 +23,18 @@ demo: $(STAMP)
 	$(PY) -m electfsm.cli.demo
 
 test: $(STAMP)
-	$(PY) -m ruff check electfsm tests bench examples
+	$(PY) -m ruff check electfsm tests bench examples docs
 	$(PY) -m mypy electfsm
+	$(SPHINX)
 	$(PY) -m pytest -q
+
+# The documentation site in docs/_build/html: warnings are errors (-W), every reference must
+# resolve (-n), nothing is fetched (no intersphinx). -E: a fresh environment, so a docstring or
+# table changed since the last build cannot hide behind the cache.
+SPHINX := $(PY) -m sphinx -b html -W -n -E -q --keep-going docs docs/_build/html
+
+docs: $(STAMP)
+	$(SPHINX)
 
 diagrams: $(STAMP)
 	$(PY) -m electfsm.diagram diagrams
@@ -57,4 +66,4 @@ bench-shards: $(STAMP)
 	$(PY) bench/shards.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build docs/_build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -29,12 +29,14 @@ def _edges() -> list[tuple[str, str, str]]:
 
 
 def mermaid() -> str:
+    """The machine as a Mermaid ``stateDiagram-v2``."""
     lines = ["stateDiagram-v2", f"    [*] --> {INITIAL}"]
     lines += [f"    {s} --> {d} : {label}" for s, d, label in _edges()]
     return "\n".join(lines) + "\n"
 
 
 def dot() -> str:
+    """The machine in Graphviz DOT."""
     lines = [
         "digraph electfsm {",
         '    rankdir=LR; node [shape=box style="rounded" fontname="Helvetica"];',
@@ -49,6 +51,7 @@ def dot() -> str:
 
 
 def svg() -> str:
+    """The machine drawn as SVG (needs pygraphviz: ``pip install 'electfsm[diagram]'``)."""
     try:
         import pygraphviz
     except ImportError as exc:

@@ -3,7 +3,7 @@
 Threads (session-watch, campaign, observe) and user calls put these on one queue;
 the dispatcher applies them in order. Events that belong to a session carry its
 ``generation`` so the dispatcher can drop those of a session that is already gone.
-Tests can build and inject them directly (see :mod:`electfsm.testing.harness`); there a
+Tests can build and inject them directly (see :class:`electfsm.testing.Harness`); there a
 ``generation`` of ``None`` means "the current session".
 
 No thread reports ``deposed``: observe reports what etcd shows (:class:`LeaderSeen`), and the

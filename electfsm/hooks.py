@@ -59,33 +59,43 @@ class HookMethods:
     _hooks: Hooks
 
     def on_enter_leader(self, fn: LeaderHook) -> LeaderHook:
+        """Register ``fn(term)``: called when a term of leadership begins."""
         return self._hooks.add("enter_leader", fn)
 
     def on_exit_leader(self, fn: LeaderHook) -> LeaderHook:
+        """Register ``fn(term)``: called once when that term ends (``term.ended_by`` says why)."""
         return self._hooks.add("exit_leader", fn)
 
     def on_enter_follower(self, fn: ChangeHook) -> ChangeHook:
+        """Register ``fn(change)``: called on becoming a follower."""
         return self._hooks.add("enter_follower", fn)
 
     def on_exit_follower(self, fn: ChangeHook) -> ChangeHook:
+        """Register ``fn(change)``: called on leaving the follower state."""
         return self._hooks.add("exit_follower", fn)
 
     def on_enter_candidate(self, fn: ChangeHook) -> ChangeHook:
+        """Register ``fn(change)``: called on becoming a candidate."""
         return self._hooks.add("enter_candidate", fn)
 
     def on_exit_candidate(self, fn: ChangeHook) -> ChangeHook:
+        """Register ``fn(change)``: called on leaving the candidate state."""
         return self._hooks.add("exit_candidate", fn)
 
     def on_enter_disconnected(self, fn: ChangeHook) -> ChangeHook:
+        """Register ``fn(change)``: called on losing (or never having) a session."""
         return self._hooks.add("enter_disconnected", fn)
 
     def on_exit_disconnected(self, fn: ChangeHook) -> ChangeHook:
+        """Register ``fn(change)``: called when a session is up again."""
         return self._hooks.add("exit_disconnected", fn)
 
     def on_leader_change(self, fn: LeaderChangeHook) -> LeaderChangeHook:
+        """Register ``fn(old, new)``: called whenever who leads changes (``None``: nobody)."""
         return self._hooks.add("leader_change", fn)
 
     def on_error(self, fn: ErrorHook) -> ErrorHook:
+        """Register ``fn(error)``: called with what went wrong (a failed hook, etcd errors)."""
         return self._hooks.add("error", fn)
 
     def run_while_leader(self, work: Work) -> Work:

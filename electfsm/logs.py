@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
+#: The attributes an elector's log records carry.
 FIELDS = ("election", "identity", "state", "token")
 
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import attrs
 from transitions import Machine
 
+#: A state name.
 State = Literal["disconnected", "candidate", "follower", "leader"]
 
 #: Every state, the initial one first.
@@ -34,6 +35,7 @@ class Row:
     internal: bool = False
 
 
+#: The machine as data: each row moves its sources to its destination on its trigger.
 TABLE: tuple[Row, ...] = (
     Row(("disconnected",), "session_up", "candidate", "a fresh lease; campaign for it"),
     Row(("candidate",), "leader_seen", "follower", "another candidate leads"),

@@ -91,6 +91,7 @@ class ElectorMetrics:
         self.refresh()
 
     def refresh(self) -> None:
+        """Bring the time-dependent gauges (deadline remaining, leading) up to date."""
         e, f, name = self._elector, self._f, self._name
         state = e.state
         leading = e.is_leader

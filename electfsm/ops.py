@@ -53,33 +53,40 @@ class _Target:
 
 
 def value(key: str | bytes) -> _Target:
+    """The key's value, to compare: ``value("k") == b"x"``."""
     return _Target(key, "VALUE")
 
 
 def version(key: str | bytes) -> _Target:
+    """The key's version (0: the key does not exist), to compare: ``version("k") == 0``."""
     return _Target(key, "VERSION")
 
 
 def create_revision(key: str | bytes) -> _Target:
+    """The revision that created the key, to compare."""
     return _Target(key, "CREATE")
 
 
 def mod_revision(key: str | bytes) -> _Target:
+    """The revision of the key's last change, to compare."""
     return _Target(key, "MOD")
 
 
 def put(key: str | bytes, value: str | bytes, *, lease: int = 0) -> Any:
+    """Put ``value`` at ``key`` (attached to ``lease`` when given)."""
     return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=to_bytes(key),
                                                             value=to_bytes(value), lease=lease))
 
 
 def get(key: str | bytes, *, prefix: bool = False) -> Any:
+    """Read ``key`` (every key under it with ``prefix=True``)."""
     k = to_bytes(key)
     return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(
         key=k, range_end=prefix_end(k) if prefix else b""))
 
 
 def delete(key: str | bytes, *, prefix: bool = False) -> Any:
+    """Delete ``key`` (every key under it with ``prefix=True``)."""
     k = to_bytes(key)
     return etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(
         key=k, range_end=prefix_end(k) if prefix else b""))

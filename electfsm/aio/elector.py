@@ -223,13 +223,13 @@ class AsyncElector:
                 await self._call_hooks("error", (exc,))
 
     async def resign(self, timeout: float | None = 10.0) -> None:
-        """Step down if leader and queue again at the back (see :meth:`Elector.resign`)."""
+        """Step down if leader and queue again at the back (see :meth:`electfsm.Elector.resign`)."""
         await anyio.to_thread.run_sync(self._elector.resign, timeout)
 
     async def fenced_txn(self, compare: Sequence[Any] = (), success: Sequence[Any] = (),
                          failure: Sequence[Any] = (), *,
                          timeout: float | None = None) -> TxnResult:
-        """:meth:`Elector.fenced_txn`, run in a worker thread."""
+        """:meth:`electfsm.Elector.fenced_txn`, run in a worker thread."""
         return await anyio.to_thread.run_sync(functools.partial(
             self._elector.fenced_txn, compare, success, failure, timeout=timeout))
 
@@ -264,7 +264,7 @@ class AsyncElector:
         return self._add("exit_disconnected", fn)
 
     def on_leader_change(self, fn: H) -> H:
-        """``fn(old, new)``: :class:`LeaderInfo` values or ``None``."""
+        """``fn(old, new)``: :class:`~electfsm.LeaderInfo` values or ``None``."""
         return self._add("leader_change", fn)
 
     def on_error(self, fn: H) -> H:

@@ -2,7 +2,7 @@
 
 Inputs are plain JSON records, so tests can feed synthetic histories:
 
-- candidate events (see :mod:`electfsm.chaos.candidate`), merged from every candidate's log, and
+- candidate events (see ``electfsm.chaos.candidate``), merged from every candidate's log, and
   harness events (``killed``, ``fault`` …) in the same list;
 - the fenced resource's writes (``resource_write`` records, :mod:`electfsm.chaos.fenced`);
 - the etcd history of the election and guarded-set prefixes, recorded by

@@ -130,8 +130,8 @@ class Lab:
     def spawn(self, identity: str, *, proxied: bool = True,
               endpoints: Sequence[str] | None = None, **kwargs: Any) -> CandidateProcess:
         """Start a candidate process. With ``proxied`` it talks to etcd through its own
-        :class:`Link` (``lab.links[identity]``); extra ``kwargs`` go to
-        :class:`CandidateProcess` (``ttl``, ``faketime``, ``stall`` …)."""
+        :class:`~electfsm.chaos.faults.Link` (``lab.links[identity]``); extra ``kwargs`` go to
+        :class:`~electfsm.chaos.process.CandidateProcess` (``ttl``, ``faketime``, ``stall`` …)."""
         targets = list(endpoints or self.endpoints)
         if proxied:
             targets = self.link_for(identity, targets).endpoints

@@ -46,8 +46,8 @@ class CandidateProcess:
     because a faked process's monotonic clock is not comparable with the others'. Only the
     wall clock is faked unless ``fake_monotonic`` (see :func:`faketime_problem`: Python's
     timed waits may not work then).
-    ``harness_log`` (an :class:`EventLog`) records kills, pauses and resumes with the time
-    they were done.
+    ``harness_log`` (an :class:`~electfsm.chaos.protocol.EventLog`) records kills, pauses and
+    resumes with the time they were done.
     """
 
     def __init__(self, *, identity: str, endpoints: Sequence[str], election: str,

@@ -26,6 +26,7 @@ class Result:
 
     @property
     def ok(self) -> bool:
+        """True unless the property failed."""
         return self.status != "fail"
 
     def finish(self) -> Result:
@@ -36,15 +37,19 @@ class Result:
 
 @attrs.define
 class Report:
+    """Every property's :class:`Result`; :attr:`ok` unless one of them failed."""
+
     results: list[Result]
     metrics: dict[str, Any] = attrs.field(factory=dict)
 
     @property
     def ok(self) -> bool:
+        """True unless a property failed (``n/a`` passes, unless :meth:`require` made it fail)."""
         return all(r.ok for r in self.results)
 
     @property
     def violations(self) -> list[Result]:
+        """The properties that failed."""
         return [r for r in self.results if not r.ok]
 
     def __getitem__(self, name: str) -> Result:

@@ -8,7 +8,7 @@
     child.close()                          # the guard goes; nothing of the term is left
 
 COMMAND runs in its own session and process group, started by a small guard process
-(:mod:`electfsm.cli._guard`) that stays between electfsm and COMMAND for the whole term. electfsm
+(``electfsm.cli._guard``) that stays between electfsm and COMMAND for the whole term. electfsm
 signals COMMAND's group itself; the guard only acts when electfsm dies without stopping
 COMMAND (SIGKILL, the OOM killer, a crash): the guard notices at once, because the kernel closes
 electfsm's end of their socket, and sends the group SIGTERM, then SIGKILL after ``grace``
@@ -41,6 +41,7 @@ from electfsm.cli._guard import running_in_group
 
 log = logs.logger("electfsm.cli")
 
+#: The guard program that sits between electfsm and the command of a term.
 GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_guard.py")
 #: How long the guard may take to start COMMAND (an interpreter start, on a loaded machine).
 START_TIMEOUT = 30.0

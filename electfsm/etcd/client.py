@@ -81,6 +81,8 @@ class EtcdClient:
             client = EtcdClient.connect(["127.0.0.1:2379"])
             shards = [Elector(client=client, election=f"shard/{i}", identity="node-a")
                       for i in range(100)]
+
+        The caller closes it (:meth:`close`) after stopping the electors.
         """
         from electfsm.config import ElectorConfig  # here: config imports our TLS and Auth
 
@@ -155,6 +157,7 @@ class EtcdClient:
         old.close()
 
     def close(self) -> None:
+        """Close every channel and stream of this connection; call after stopping its electors."""
         with self._lock:
             self._closed = True
             channel = self._channel

@@ -254,4 +254,5 @@ class Watch:
                 yield resp
 
     def cancel(self) -> None:
+        """End this watch, here and at etcd; from any thread."""
         self._stream.cancel(self)

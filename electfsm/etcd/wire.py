@@ -61,4 +61,5 @@ def prefix_end(prefix: bytes) -> bytes:
 
 
 def to_bytes(value: str | bytes) -> bytes:
+    """``value`` as bytes (a str is encoded as UTF-8)."""
     return value.encode("utf-8") if isinstance(value, str) else bytes(value)

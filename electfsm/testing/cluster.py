@@ -125,7 +125,7 @@ class LocalCluster(_StartStop):
             client.close()
 
     def leader_index(self, timeout: float = 0.5) -> int | None:
-        """Index in :attr:`members` of the raft leader, or ``None`` if no running member
+        """Index in ``members`` of the raft leader, or ``None`` if no running member
         answers as the leader within ``timeout`` (members are asked in parallel)."""
         live = [(i, m) for i, m in enumerate(self.members) if m.pid is not None]
         if not live:

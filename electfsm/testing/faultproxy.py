@@ -59,7 +59,7 @@ _JOIN_TIMEOUT = 1.0
 
 @attrs.frozen
 class ProxyStats:
-    """Counters since :meth:`FaultProxy.start` (snapshot)."""
+    """Counters since :meth:`~electfsm.testing.FaultProxy.start` (snapshot)."""
 
     #: connections accepted in all
     connections: int

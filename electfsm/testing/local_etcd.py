@@ -218,10 +218,10 @@ class LocalEtcd(_StartStop):
     or ``log_path``), never to the terminal; etcd runs in its own session so Ctrl-C in the
     terminal reaches only the Python process, which then stops etcd on its way out.
 
-    ``tls`` serves clients over https (:class:`ServerTLS`); :attr:`endpoint` stays
-    ``127.0.0.1:<port>``. ``initial_cluster`` (``"name=http://127.0.0.1:<peer>,..."``, which
-    must list this member's ``name`` and peer URL) makes it one member of a larger cluster;
-    :class:`LocalCluster` builds those.
+    ``tls`` serves clients over https (:class:`~electfsm.testing.pki.ServerTLS`);
+    :attr:`endpoint` stays ``127.0.0.1:<port>``. ``initial_cluster``
+    (``"name=http://127.0.0.1:<peer>,..."``, which must list this member's ``name`` and peer
+    URL) makes it one member of a larger cluster; :class:`LocalCluster` builds those.
     """
 
     def __init__(

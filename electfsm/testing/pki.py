@@ -25,7 +25,8 @@ def _check_file(what: str, path: str) -> None:
 
 @attrs.frozen
 class ServerTLS:
-    """TLS on a :class:`LocalEtcd`'s client URL; peer traffic stays plain http on loopback.
+    """TLS on a :class:`~electfsm.testing.LocalEtcd`'s client URL; peer traffic stays plain
+    http on loopback.
 
     ::
 
