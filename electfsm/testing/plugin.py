@@ -37,7 +37,7 @@ Fixtures (the convention of pytest-postgresql / pytest-redis):
 - ``elector_harness`` (function): a :class:`~electfsm.testing.Harness` (virtual clock, no etcd)
   on an election unique to the test.
 - ``etcd_cluster`` (module): a started three-member :class:`~electfsm.testing.LocalCluster`;
-  ``etcd_cluster.members[i]`` is a :class:`LocalEtcd` with ``kill()``, ``restart()``,
+  ``etcd_cluster.members[i]`` is a :class:`~electfsm.testing.LocalEtcd` with ``kill()``, ``restart()``,
   ``pause()``, ``resume()``. A test that kills or pauses a member brings it back itself.
 - ``fault_proxy`` (function): ``fault_proxy(endpoint=None)`` starts a
   :class:`~electfsm.testing.FaultProxy` in front of ``endpoint`` (default ``etcd_endpoint``);
@@ -46,15 +46,15 @@ Fixtures (the convention of pytest-postgresql / pytest-redis):
 
 Options, each a flag and an ini key; a fixture argument beats the flag, which beats the ini key:
 
-=============================  ========================  ======================================
-flag                           ini key                   what
-=============================  ========================  ======================================
-``--electfsm-etcd-binary``     ``electfsm_etcd_binary``  etcd binary for etcd_proc/etcd_cluster
-``--electfsm-etcd-port``       ``electfsm_etcd_port``    etcd_proc's client port (default: free)
-``--electfsm-etcd-timeout``    ``electfsm_etcd_timeout`` start-up timeout, seconds (default 20)
-``--electfsm-etcd-data-dir``   ``electfsm_etcd_data_dir`` etcd_proc's data dir (default: temp)
-``--electfsm-endpoints``       ``electfsm_endpoints``    use this running etcd, start none
-=============================  ========================  ======================================
+==============================  ==========================  ====================================
+flag                            ini key                     what
+==============================  ==========================  ====================================
+``--electfsm-etcd-binary``      ``electfsm_etcd_binary``    etcd binary for etcd_proc/etcd_cluster
+``--electfsm-etcd-port``        ``electfsm_etcd_port``      etcd_proc's client port (default: free)
+``--electfsm-etcd-timeout``     ``electfsm_etcd_timeout``   start-up timeout, seconds (default 20)
+``--electfsm-etcd-data-dir``    ``electfsm_etcd_data_dir``  etcd_proc's data dir (default: temp)
+``--electfsm-endpoints``        ``electfsm_endpoints``      use this running etcd, start none
+==============================  ==========================  ====================================
 
 The fixture argument: ``etcd_proc``, ``etcd_cluster`` and ``elector_harness`` read a dict from
 indirect parametrization, e.g. ``@pytest.mark.parametrize("etcd_proc", [{"port": 23790}],
