@@ -279,7 +279,12 @@ def test_after_a_compacted_stream_gap_the_successor_leads_once_by_a_read(
     meanwhile revisions happen, A resigns and queues again, and etcd is compacted past all
     of it. B leads exactly once, by its campaign's read after A's delete (the stream could
     not show it), and keeps leading when its stream comes back across the compacted gap: the
-    view observe rebuilds shows B first, never the pre-gap one in which A led."""
+    view observe rebuilds shows B first, never the pre-gap one in which A led.
+
+    observe reads the election afresh after every break, so the compaction cannot bite it;
+    an observe that resumed its pre-gap view instead (watching on from where it stopped,
+    from the compaction's revision once told it is gone) misses A's delete, reports A's
+    new incarnation first and deposes B."""
     history = History(client, election)
     terms = Terms()
     with FaultProxy(server.endpoint) as proxy:
@@ -294,11 +299,12 @@ def test_after_a_compacted_stream_gap_the_successor_leads_once_by_a_read(
             lead_then_queue(a, b, client, election)
             a_key = terms.of("node-a")[0].key
 
-            proxy.blackhole()
+            proxy.blackhole()  # B's stream hears nothing more (the proxy's bytes are dropped)
             for i in range(20):  # revisions B's stream misses (in the prefix, not candidates)
                 client.put(history.prefix + f"noise/{i}".encode(), b"x" * 100)
             a.resign()
             assert b.wait_for("leader", timeout=slack(10)), "B never led after A resigned"
+            history.settle(0)
             deleted = history.deleted(a_key, terms.of("node-a")[0].token)
             assert deleted is not None
             poll(lambda: len(candidates(client, election)) == 2, 10, "A queued again behind B")
@@ -428,6 +434,7 @@ def test_a_member_cut_off_from_quorum_never_elects_from_its_stale_stream(
                     time.sleep(slack(0.5))
                 finally:
                     b_member.resume()
+                history.settle(0)
                 a_gone = history.deleted(a_entry.key, a_entry.token)
                 assert a_gone is not None and history.first_at(a_gone) == (
                     b_key, b_token, int(b_old.lease))
