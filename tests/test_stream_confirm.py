@@ -184,6 +184,15 @@ class Terms:
                                    f"{nxt.identity}'s term {nxt.token} began")
 
 
+def assert_tokens_grow(terms: Terms) -> None:
+    """Each elector's terms have strictly growing fencing tokens: a key incarnation that led
+    once never leads again."""
+    for identity in {t.identity for t in terms.entries}:
+        tokens = [t.token for t in terms.of(identity)]
+        assert all(x < y for x, y in itertools.pairwise(tokens)), (
+            f"{identity} led terms with tokens {tokens}: not strictly growing")
+
+
 def assert_no_phantom(terms: Terms, history: History) -> None:
     """Each entry's key (this incarnation, this lease) was first at its confirming revision,
     was not deleted at or before any revision the elector knew of when it entered, and was
@@ -326,6 +335,7 @@ def test_after_a_compacted_stream_gap_the_successor_leads_once_by_a_read(
             assert len(terms.of("node-a")) == 1
             terms.assert_one_at_a_time()
             assert_no_phantom(terms, history)
+            assert_tokens_grow(terms)
         finally:
             history.close()
             stream.close()
@@ -363,6 +373,7 @@ def test_our_key_deleted_just_before_the_predecessors_never_leads_on_the_dead_ke
         assert b.wait_for("leader", timeout=slack(10)), "B never led on a new key"
         time.sleep(slack(0.3))  # a second entry, if any, has happened by now
         assert_no_phantom(terms, history)
+        assert_tokens_grow(terms)
         [entry] = terms.of("node-b")
         new_token = history.created(b_key.decode(), after=gone)
         assert entry.key == b_key.decode() and entry.token == new_token > old_token, entry
@@ -454,6 +465,7 @@ def test_a_member_cut_off_from_quorum_never_elects_from_its_stale_stream(
                  and b.state == "follower", 15, "B follows C after the heal")
             time.sleep(slack(0.3))
             assert_no_phantom(terms, history)
+            assert_tokens_grow(terms)
             terms.assert_one_at_a_time()
             assert terms.of("node-b") == [], terms.of("node-b")
             [c_entry] = terms.of("node-c")
@@ -505,6 +517,7 @@ def test_a_term_confirmed_by_the_read_before_any_view_is_no_phantom(
         assert b.wait_for("leader", timeout=slack(10)), "B never led after A resigned"
         assert b._dispatcher.observed is None, "a view reached B's dispatcher early"
         assert_no_phantom(terms, history)
+        assert_tokens_grow(terms)
         gate.open.set()
         poll(lambda: b._dispatcher.observed is not None
              and b._dispatcher.observed.key == b_key, 10, "B's view shows B after the gate")
@@ -518,6 +531,59 @@ def test_a_term_confirmed_by_the_read_before_any_view_is_no_phantom(
             assert entry.token == history.created(b_key, after=old_token), entry
         terms.assert_one_at_a_time()
         assert_no_phantom(terms, history)
+        assert_tokens_grow(terms)
+    finally:
+        history.close()
+        client.close()
+
+
+# ---------------------------------------------------------------- 5. a late view of our old key
+def test_a_view_of_our_resigned_key_arriving_after_the_resign_never_reelects(
+        etcd: LocalEtcd, election: str, electors: Callable[..., Elector]) -> None:
+    """B leads, C waits. B resigns; before B's key is deleted, a write to it (same lease,
+    same create revision) makes B's stream report B's key first once more, and that view is
+    queued behind the resign. Applied after it, the view is true at its revision, is B's key
+    and B's lease — but that incarnation's term has ended: B must not lead on it again (C
+    leads next, and B only ever again on a new incarnation)."""
+    client = EtcdClient([etcd.endpoint], timeout=5)
+    history = History(client, election)
+    terms = Terms()
+    try:
+        b = electors("node-b", [etcd.endpoint], election)
+        c = electors("node-c", [etcd.endpoint], election)
+        views: list[LeaderSeen] = []
+        put = b._queue.put
+
+        def b_view(event: Event) -> None:
+            if isinstance(event, LeaderSeen):
+                views.append(event)
+            put(event)
+
+        b._observer._emit = b_view  # type: ignore[attr-defined]  # before start: subscribes it
+        terms.watch(b)
+        terms.watch(c)
+        late_view: list[int] = []
+
+        @b.on_exit_leader
+        def touch_our_key(term: Term) -> None:  # on B's dispatcher, before the resign's delete
+            if late_view:
+                return
+            rev = int(client.put(term.key.encode(), b"node-b", lease=term.lease).header.revision)
+            late_view.append(rev)
+            poll(lambda: any(v.revision == rev for v in views), 5, "B's stream reports it")
+
+        lead_then_queue(b, c, client, election)
+        [first] = terms.of("node-b")
+        b.resign()
+        assert c.wait_for("leader", timeout=slack(10)), "C never led after B resigned"
+        [late] = [v for v in views if v.revision == late_view[0]]
+        assert late.leader is not None and late.leader.key == first.key
+        assert late.leader.create_revision == first.token  # the view: B's ended incarnation
+        time.sleep(slack(0.3))
+        assert_no_phantom(terms, history)
+        assert_tokens_grow(terms)
+        terms.assert_one_at_a_time()
+        assert terms.of("node-b") == [first], terms.of("node-b")
     finally:
         history.close()
         client.close()
