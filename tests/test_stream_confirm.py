@@ -24,7 +24,7 @@ from scenario_kit import TTL, poll, slack
 
 from electfsm import Elector, Term
 from electfsm.etcd import EtcdClient, prefix_end
-from electfsm.events import Event, LeaderSeen
+from electfsm.events import ErrorReported, Event, LeaderSeen
 from electfsm.sources.campaign import is_candidate_key
 from electfsm.sources.observe import Subscription
 from electfsm.testing.cluster import LocalCluster
@@ -587,3 +587,58 @@ def test_a_view_of_our_resigned_key_arriving_after_the_resign_never_reelects(
     finally:
         history.close()
         client.close()
+
+
+# ---------------------------------------------------------------- 6. a leaderless member's stream
+def test_a_member_without_a_raft_leader_ends_the_stream_instead_of_keeping_a_stale_view(
+        election: str, electors: Callable[..., Elector]) -> None:
+    """The other side of 3: B's member is alive but the two others are paused, so it has no
+    raft leader and its data stops at the last revision it applied. A watch opened with
+    require-leader is cancelled by etcd then, so B's stream fails (observe reports it) rather
+    than going quiet on a view nobody can update; B does not lead meanwhile, and after the
+    heal there is one term at a time, each confirmed at a revision where its key was first."""
+    with LocalCluster(3) as cluster:
+        raft = cluster.wait_for_leader()
+        b_member = cluster.members[(raft + 1) % 3]
+        others = [m for m in cluster.members if m is not b_member]
+        client = EtcdClient([m.endpoint for m in others], timeout=5)
+        stream = EtcdClient([b_member.endpoint], timeout=2)  # the stream alone: see test 3
+        history = History(client, election)
+        terms = Terms()
+        a = electors("node-a", [others[0].endpoint], election)
+        b = electors("node-b", [b_member.endpoint], election, call_timeout=0.5)
+        errors: list[BaseException] = []
+
+        def b_stream(event: Event) -> None:
+            if isinstance(event, ErrorReported) and event.where == "observe":
+                errors.append(event.error)
+            b._queue.put(event)
+
+        b._observer = Subscription(stream, election, b_stream, 0.2)
+        try:
+            terms.watch(a)
+            terms.watch(b)
+            lead_then_queue(a, b, client, election)
+            for m in others:
+                m.pause()
+            try:
+                poll(lambda: any("no leader" in str(e) for e in errors), 5,
+                     "B's stream fails for want of a raft leader")
+                assert b.state != "leader"
+            finally:
+                for m in others:
+                    m.resume()
+            assert cluster.wait_for_leader(timeout=slack(10)) is not None
+            poll(lambda: [e.state for e in (a, b)].count("leader") == 1
+                 and a.leader is not None and b.leader is not None
+                 and a.leader.key == b.leader.key, 20, "one leader, both agree after the heal")
+            time.sleep(slack(0.3))
+            assert_no_phantom(terms, history)
+            assert_tokens_grow(terms)
+            terms.assert_one_at_a_time()
+        finally:
+            for e in (b, a):  # while the cluster runs
+                e.stop()
+            history.close()
+            stream.close()
+            client.close()
