@@ -7,6 +7,10 @@ dispatcher's confirming revision, the view it had and the path that confirmed: "
 recorded by a raw watch that started before anything happened (so a later compaction hides
 nothing): at the confirming revision our key — this incarnation, this lease — existed and was
 first, and its delete was not at or before any revision the elector had seen when it entered.
+
+Which path confirmed a term is the ``elected`` transition's reason (the dispatcher logs it, and
+the hook reads it): "... by a read" (campaign) or "... by the election's event stream"
+(observe's view, including the view of observe's own read after a break).
 """
 
 from __future__ import annotations
