@@ -274,6 +274,12 @@ class Dispatcher:
                                   revision=event.revision), by="the election's event stream")
             if self.term is not None:  # elected (else: too late, or a newer view; go on)
                 return
+        if (self.generation is not None and self.state in ("candidate", "follower")
+                and (event.resynced or self.our_key in event.deleted)):
+            # Our key went (deleted by hand, say) or may have while the stream was down: no
+            # campaign watches the line, so campaign again (it puts the key if it is gone,
+            # and reads where it stands).
+            self.effects.recampaign(self.generation)
         self._follow_observed()
 
     def _follow_observed(self) -> None:

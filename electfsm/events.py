@@ -65,10 +65,18 @@ class Elected:
 
 @attrs.frozen(kw_only=True)
 class LeaderSeen:
-    """observe's view of the election at ``revision``: the leader, or None when nobody leads."""
+    """observe's view of the election at ``revision``: the leader, or None when nobody leads.
+
+    ``deleted``: the candidate keys whose deletion this view is the first to include (the
+    events since observe's previous view). ``resynced``: the view comes from a read after a
+    gap in the stream, so keys may have gone unseen. A follower whose own key went either
+    way campaigns again: its campaign does not watch the line, the stream does.
+    """
 
     leader: LeaderInfo | None = None
     revision: int = 0
+    deleted: tuple[str, ...] = ()
+    resynced: bool = False
 
 
 @attrs.frozen(kw_only=True)

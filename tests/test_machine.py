@@ -458,3 +458,32 @@ def test_the_key_of_a_resigned_term_never_leads_again(h: Harness) -> None:
     assert h.state != "leader" and entered == [first.create_revision]
     h.elect()  # a new incarnation leads
     assert h.state == "leader" and len(entered) == 2 and entered[1] > entered[0]
+
+
+@pytest.mark.parametrize("state", ["candidate", "follower"])
+def test_a_waiting_candidate_whose_key_is_deleted_campaigns_again(h: Harness,
+                                                                  state: str) -> None:
+    """No campaign watches the line: the stream's report that our key was deleted (by hand,
+    say) is what puts it back, else we would wait forever with no key in etcd."""
+    h.connect()
+    if state == "follower":
+        h.see_leader("node-b")
+    assert h.state == state
+    our_key = h.dispatcher.our_key or ""
+    h.inject(LeaderSeen(leader=h.leader, revision=h.next_revision(), deleted=("x/1",)))
+    assert h.recampaigns == [], "another candidate's key going is not news for us"
+    h.inject(LeaderSeen(leader=h.leader, revision=h.next_revision(), deleted=(our_key,)))
+    assert h.recampaigns == [h.dispatcher.generation]
+    h.inject(LeaderSeen(leader=h.leader, revision=h.next_revision(), resynced=True))
+    assert h.recampaigns == [h.dispatcher.generation] * 2, (
+        "after a gap our key may have gone unseen: campaign again to find out")
+
+
+def test_a_leader_is_deposed_not_recampaigned_by_the_delete_report(h: Harness) -> None:
+    h.connect()
+    h.elect()
+    assert h.state == "leader"
+    our_key = h.dispatcher.our_key or ""
+    h.inject(LeaderSeen(leader=None, revision=h.next_revision(), deleted=(our_key,)))
+    assert h.state == "candidate"
+    assert h.recampaigns == [h.dispatcher.generation], "one campaign, from the deposal"

@@ -285,19 +285,19 @@ def lead_then_queue(a: Elector, b: Elector, client: EtcdClient, election: str) -
 
 
 # ---------------------------------------------------------------- 1. a compacted gap
-def test_after_a_compacted_stream_gap_the_successor_leads_once_by_a_read(
+def test_after_a_compacted_stream_gap_the_successor_leads_once_from_observes_read(
         server: LocalEtcd, client: EtcdClient, election: str,
         electors: Callable[..., Elector]) -> None:
     """B waits behind A. B's event stream (alone: its campaign and session go direct) is cut;
     meanwhile revisions happen, A resigns and queues again, and etcd is compacted past all
-    of it. B leads exactly once, by its campaign's read after A's delete (the stream could
-    not show it), and keeps leading when its stream comes back across the compacted gap: the
-    view observe rebuilds shows B first, never the pre-gap one in which A led.
+    of it. While B hears nothing of the election it does not lead: a follower's campaign
+    does not watch the line, the stream does (and without it nothing shows B first). When
+    its stream comes back across the compacted gap, observe reads the election afresh: that
+    read shows B first, and B leads exactly once, at that read's revision.
 
-    observe reads the election afresh after every break, so the compaction cannot bite it;
-    an observe that resumed its pre-gap view instead (watching on from where it stopped,
-    from the compaction's revision once told it is gone) misses A's delete, reports A's
-    new incarnation first and deposes B."""
+    An observe that resumed its pre-gap view instead (watching on from where it stopped, from
+    the compaction's revision once told it is gone) misses A's delete, reports A's new
+    incarnation first, and B never leads."""
     history = History(client, election)
     terms = Terms()
     with FaultProxy(server.endpoint) as proxy:
@@ -316,25 +316,27 @@ def test_after_a_compacted_stream_gap_the_successor_leads_once_by_a_read(
             for i in range(20):  # revisions B's stream misses (in the prefix, not candidates)
                 client.put(history.prefix + f"noise/{i}".encode(), b"x" * 100)
             a.resign()
-            assert b.wait_for("leader", timeout=slack(10)), "B never led after A resigned"
             history.settle(0)
             deleted = history.deleted(a_key, terms.of("node-a")[0].token)
             assert deleted is not None
             poll(lambda: len(candidates(client, election)) == 2, 10, "A queued again behind B")
+            assert not b.wait_for("leader", timeout=slack(0.5)), (
+                "B led with no view showing it first")
             compacted = int(client.range(b"\0").header.revision)
             client.compact(compacted)
             proxy.pass_through()
             proxy.reset()
 
+            assert b.wait_for("leader", timeout=slack(10)), "B never led once its stream came back"
             d = b._dispatcher
             poll(lambda: d.observed_revision >= compacted and d.observed is not None
                  and d.observed.key == terms.of("node-b")[0].key, 15,
                  "B's stream shows B leading after the gap")
-            assert b.state == "leader" and b.leader is not None
             time.sleep(slack(0.3))  # anything late from the stream has arrived by now
+            assert b.state == "leader" and b.leader is not None
             [entry] = terms.of("node-b")
-            assert entry.by == BY_READ, entry
-            assert deleted <= entry.revision <= compacted, (entry, deleted, compacted)
+            assert entry.by == BY_STREAM, entry
+            assert entry.revision >= compacted, (entry, compacted)
             assert b.term is not None and b.term.token == entry.token
             assert len(terms.of("node-a")) == 1
             terms.assert_one_at_a_time()
@@ -486,14 +488,12 @@ def test_a_member_cut_off_from_quorum_never_elects_from_its_stale_stream(
 
 
 # ---------------------------------------------------------------- 4. the read path
-@pytest.mark.parametrize("ours", ["kept", "deleted in the dark"])
 def test_a_term_confirmed_by_the_read_before_any_view_is_no_phantom(
-        etcd: LocalEtcd, election: str, electors: Callable[..., Elector], ours: str) -> None:
-    """B starts while A leads, and its observe's first view is held back: A resigns before B
-    has any view, so only B's campaign's read can confirm B. (``deleted in the dark``: B's
-    key is deleted by hand, then A stops; the read after A's delete finds B's key gone: B
-    must campaign again and lead on the new key.) When the held view (A first, older than B's term)
-    arrives, B keeps leading: once, on a key that was first at the read's revision."""
+        etcd: LocalEtcd, election: str, electors: Callable[..., Elector]) -> None:
+    """A led and stopped; B starts with its observe's first view held back, so only B's
+    campaign's read can confirm B. When the held view arrives (older than B's term, or not
+    showing B at all), B keeps leading: once, on the key that was first at the read's
+    revision."""
     client = EtcdClient([etcd.endpoint], timeout=5)
     history = History(client, election)
     terms = Terms()
@@ -506,33 +506,59 @@ def test_a_term_confirmed_by_the_read_before_any_view_is_no_phantom(
         terms.watch(b)
         a.start()
         assert a.wait_for("leader", timeout=slack(10)), "A never led"
+        a.stop()
         b.start()
-        poll(lambda: len(candidates(client, election)) == 2, 10, "B's key in line behind A's")
         assert gate.held.wait(slack(5)), "B's observe never had a first view to hold"
+        assert b.wait_for("leader", timeout=slack(10)), "B's read never confirmed it"
+        assert b._dispatcher.observed is None, "a view reached B's dispatcher early"
+        assert_no_phantom(terms, history)
+        gate.open.set()
+        [entry] = terms.of("node-b")
+        poll(lambda: b._dispatcher.observed is not None
+             and b._dispatcher.observed.key == entry.key, 10, "B's view shows B after the gate")
+        time.sleep(slack(0.3))
+        assert b.state == "leader"
+        assert terms.of("node-b") == [entry]
+        assert entry.by == BY_READ, entry
+        terms.assert_one_at_a_time()
+        assert_no_phantom(terms, history)
+        assert_tokens_grow(terms)
+    finally:
+        history.close()
+        client.close()
+
+
+def test_a_follower_whose_key_is_deleted_unseen_campaigns_again_and_leads_on_a_new_key(
+        etcd: LocalEtcd, election: str, electors: Callable[..., Elector]) -> None:
+    """B waits behind A with its observe's reports held back. B's key is deleted by hand,
+    then A stops: nothing shows B first, and B's key is gone, so B must not lead. Once its
+    reports flow, the stream tells B its key went; B campaigns again (no campaign watches the
+    line for it) and leads on the new key, never on the dead one."""
+    client = EtcdClient([etcd.endpoint], timeout=5)
+    history = History(client, election)
+    terms = Terms()
+    try:
+        a = electors("node-a", [etcd.endpoint], election)
+        b = electors("node-b", [etcd.endpoint], election)
+        gate = Gate(b)  # open until B's key waits in line; then B's reports wait at it
+        terms.watch(a)
+        terms.watch(b)
+        lead_then_queue(a, b, client, election)
+        gate.open.clear()
         [a_entry] = terms.of("node-a")
         [b_kv] = [kv for kv in candidates(client, election)
                   if bytes(kv.key).decode() != a_entry.key]
         b_key, old_token = bytes(b_kv.key).decode(), int(b_kv.create_revision)
-        if ours == "deleted in the dark":
-            client.delete(b_key.encode())
-            a.stop()  # A's key goes with its lease; A does not queue again ahead of B's new key
-        else:
-            a.resign()
-        assert b.wait_for("leader", timeout=slack(10)), "B never led after A resigned"
-        assert b._dispatcher.observed is None, "a view reached B's dispatcher early"
-        assert_no_phantom(terms, history)
-        assert_tokens_grow(terms)
+        client.delete(b_key.encode())
+        a.stop()  # A's key goes with its lease
+        assert gate.held.wait(slack(5)), "precondition: B's observe heard of the deletes"
+        assert not b.wait_for("leader", timeout=slack(0.5)), "B led on its deleted key"
         gate.open.set()
-        poll(lambda: b._dispatcher.observed is not None
-             and b._dispatcher.observed.key == b_key, 10, "B's view shows B after the gate")
-        time.sleep(slack(0.3))
-        assert b.state == "leader"
+        assert b.wait_for("leader", timeout=slack(10)), "B never led on a new key"
         [entry] = terms.of("node-b")
-        assert entry.by == BY_READ, entry
-        if ours == "kept":
-            assert entry.token == old_token, entry
-        else:
-            assert entry.token == history.created(b_key, after=old_token), entry
+        assert entry.token == history.created(b_key, after=old_token), entry
+        time.sleep(slack(0.3))
+        assert terms.of("node-b") == [entry]
         terms.assert_one_at_a_time()
         assert_no_phantom(terms, history)
         assert_tokens_grow(terms)

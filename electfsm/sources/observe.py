@@ -51,6 +51,7 @@ class _View:
         self.candidates = candidates
         self.first = _first(candidates)
         self.heard = False  # its watch has delivered events
+        self.deleted: list[bytes] = []  # candidates deleted since the last report
 
 
 class Observer:
@@ -127,7 +128,8 @@ class Observer:
             if self._stopping:
                 return
             self._view = view
-            self._report(view, revision, force=False)
+            # Every read but the first follows a gap, in which keys may have gone unseen.
+            self._report(view, revision, force=False, resynced=self._reported)
         watch = self._client.watch(self._prefix, self._end, start_revision=revision + 1,
                                    on_event=functools.partial(self._on_event, view),
                                    on_error=functools.partial(self._on_error, view))
@@ -182,7 +184,8 @@ class Observer:
                 if not is_candidate_key(self._prefix, key):
                     continue
                 if ev.type == kv_pb2.Event.DELETE:
-                    candidates.pop(key, None)
+                    if candidates.pop(key, None) is not None:
+                        view.deleted.append(key)
                     lost_first = lost_first or key == first
                 else:
                     candidates[key] = ev.kv
@@ -197,19 +200,24 @@ class Observer:
             # sends a backlog, the header's revision is ahead of the events it carries.
             self._report(view, int(wresp.events[-1].kv.mod_revision), force=touched)
 
-    def _report(self, view: _View, revision: int, *, force: bool) -> None:
+    def _report(self, view: _View, revision: int, *, force: bool,
+                resynced: bool = False) -> None:
         """Tell the dispatcher who leads (with the lock held). Skipped only when the leader
-        is the one reported last in every field (key, create revision, lease, value) and no
-        event touched its key (or the last reported one's): every put or delete of the
-        leader's key is reported, and so is a new incarnation of the same key that a read
-        after a gap finds (the leader resigned and won again alone while the stream was
-        down)."""
+        is the one reported last in every field (key, create revision, lease, value), no
+        event touched its key (or the last reported one's) and no candidate was deleted:
+        every put or delete of the leader's key is reported, so is every candidate's delete
+        (a follower whose key went must campaign again), and so is a new incarnation of the
+        same key that a read after a gap finds (the leader resigned and won again alone
+        while the stream was down)."""
         first = view.first
         leader = None if first is None else leader_of({first: view.candidates[first]})
-        if self._reported and leader == self._last and not force:
+        deleted, view.deleted = view.deleted, []
+        if self._reported and leader == self._last and not (force or deleted or resynced):
             return
         self._last, self._last_key, self._reported = leader, first, True
-        self._emit(LeaderSeen(leader=leader, revision=revision))
+        self._emit(LeaderSeen(
+            leader=leader, revision=revision, resynced=resynced,
+            deleted=tuple(k.decode("utf-8", "backslashreplace") for k in deleted)))
 
 
 class _Reads:

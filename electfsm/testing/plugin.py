@@ -37,8 +37,9 @@ Fixtures (the convention of pytest-postgresql / pytest-redis):
 - ``elector_harness`` (function): a :class:`~electfsm.testing.Harness` (virtual clock, no etcd)
   on an election unique to the test.
 - ``etcd_cluster`` (module): a started three-member :class:`~electfsm.testing.LocalCluster`;
-  ``etcd_cluster.members[i]`` is a :class:`~electfsm.testing.LocalEtcd` with ``kill()``, ``restart()``,
-  ``pause()``, ``resume()``. A test that kills or pauses a member brings it back itself.
+  ``etcd_cluster.members[i]`` is a :class:`~electfsm.testing.LocalEtcd` with ``kill()``,
+  ``restart()``, ``pause()``, ``resume()``. A test that kills or pauses a member brings it
+  back itself.
 - ``fault_proxy`` (function): ``fault_proxy(endpoint=None)`` starts a
   :class:`~electfsm.testing.FaultProxy` in front of ``endpoint`` (default ``etcd_endpoint``);
   every proxy is stopped at teardown, after the electors of ``elector_factory`` (which first
