@@ -274,11 +274,13 @@ class Dispatcher:
                                   revision=event.revision), by="the election's event stream")
             if self.term is not None:  # elected (else: too late, or a newer view; go on)
                 return
+        our_key = self.our_key
         if (self.generation is not None and self.state in ("candidate", "follower")
-                and (event.resynced or self.our_key in event.deleted)):
-            # Our key went (deleted by hand, say) or may have while the stream was down: no
-            # campaign watches the line, so campaign again (it puts the key if it is gone,
-            # and reads where it stands).
+                and our_key is not None and (our_key in event.deleted or (
+                    event.present is not None and our_key not in event.present))):
+            # Our key went (deleted by hand, say), or a read does not find it: no campaign
+            # watches the line, so campaign again (it puts the key if it is gone, and reads
+            # where it stands). A read made before our key was put costs one extra campaign.
             self.effects.recampaign(self.generation)
         self._follow_observed()
 

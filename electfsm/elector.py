@@ -166,7 +166,9 @@ class Elector(HookMethods):
 
         ``revoke=False`` stops renewing but leaves the lease to expire on the server, as a
         crashed process would: others take over only after the TTL. The first call decides;
-        a second call only waits.
+        a second call only waits. On a shared :class:`Session` the lease is the session's and
+        lives on: this elector's key is deleted either way (``Session.stop(revoke=False)``
+        is the crash there).
 
         ``timeout`` bounds the whole stop, including the wait for ``run_while_leader`` work
         (at most ``work_grace`` of it). Called from a hook or from ``run_while_leader`` work,
@@ -448,7 +450,11 @@ class Elector(HookMethods):
             # The revoke gets at least one call's time, whatever stop(timeout) asked for.
             budget = max(by - clock.now(), self.config.call_timeout + 1)
             if self._shared is not None:  # the lease goes on for the other elections
-                self._session.detach(self._member, budget, delete_key=self._revoke)
+                # Our key is deleted unless the whole session is ending (its revoke takes
+                # every key, or revoke=False leaves them to expire with it): a lease that
+                # others keep renewing would hold our key, and the election, forever.
+                self._session.detach(self._member, budget,
+                                     delete_key=self._revoke or not self._shared.stopping)
             else:
                 self._session.stop(budget, revoke=self._revoke)
             self._observer.stop(max(0.0, by - clock.now()))

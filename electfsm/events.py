@@ -68,15 +68,16 @@ class LeaderSeen:
     """observe's view of the election at ``revision``: the leader, or None when nobody leads.
 
     ``deleted``: the candidate keys whose deletion this view is the first to include (the
-    events since observe's previous view). ``resynced``: the view comes from a read after a
-    gap in the stream, so keys may have gone unseen. A follower whose own key went either
-    way campaigns again: its campaign does not watch the line, the stream does.
+    events since observe's previous view). ``present``: for a view made by a read (at the
+    start, or after a gap in the stream, when keys may have gone unseen), every candidate key
+    it found; None for a view the stream's events made. A waiting candidate whose own key
+    went, either way, campaigns again: its campaign does not watch the line, the stream does.
     """
 
     leader: LeaderInfo | None = None
     revision: int = 0
     deleted: tuple[str, ...] = ()
-    resynced: bool = False
+    present: frozenset[str] | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen(kw_only=True)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from electfsm import clock
 from electfsm.config import ElectorConfig, connection
-from electfsm.errors import ElectorStopped
+from electfsm.errors import ConfigError, ElectorStopped
 from electfsm.etcd import EtcdClient
 from electfsm.etcd.security import TLS, Auth
 from electfsm.sources.session import SessionWatch
@@ -73,6 +73,11 @@ class Session:
         return self._watch.granted_ttl or self.config.ttl
 
     @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called."""
+        return self._stopped
+
+    @property
     def generation(self) -> int:
         """How many leases this session has had (each loss starts a new one)."""
         return self._watch.generation
@@ -115,4 +120,12 @@ class Session:
         with self._lock:
             if self._stopped:
                 raise ElectorStopped("this session was stopped; create a new Session")
+            election = elector.config.election
+            if any(e.config.election == election and not getattr(e, "_stopped", True)
+                   for e in self._electors):
+                # The candidate key is <election>/<lease>: two of them would be one key,
+                # both "leading" on the same token.
+                raise ConfigError(f"this session already has an elector of election "
+                                  f"{election!r}: one lease is one candidate per election; "
+                                  f"stop that one first, or give this one its own Session")
             self._electors.add(elector)

@@ -474,9 +474,12 @@ def test_a_waiting_candidate_whose_key_is_deleted_campaigns_again(h: Harness,
     assert h.recampaigns == [], "another candidate's key going is not news for us"
     h.inject(LeaderSeen(leader=h.leader, revision=h.next_revision(), deleted=(our_key,)))
     assert h.recampaigns == [h.dispatcher.generation]
-    h.inject(LeaderSeen(leader=h.leader, revision=h.next_revision(), resynced=True))
+    h.inject(LeaderSeen(leader=h.leader, revision=h.next_revision(),
+                        present=frozenset({our_key, "x/2"})))
+    assert h.recampaigns == [h.dispatcher.generation], "a read that finds our key: no news"
+    h.inject(LeaderSeen(leader=h.leader, revision=h.next_revision(), present=frozenset({"x/2"})))
     assert h.recampaigns == [h.dispatcher.generation] * 2, (
-        "after a gap our key may have gone unseen: campaign again to find out")
+        "a read (after a gap, say) that does not find our key: campaign again")
 
 
 def test_a_leader_is_deposed_not_recampaigned_by_the_delete_report(h: Harness) -> None:

@@ -328,3 +328,77 @@ def test_stopping_an_observer_that_waits_to_read_again_leaves_no_thread(
         finally:
             observer.stop(5)
             client.close()
+
+
+def test_stop_during_a_failure_report_emits_nothing_after_it_returns(
+        etcd: LocalEtcd, election: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream failure being handled on the watch reader while stop() runs: either the
+    failure is reported and its next read scheduled before stop() (which then drops it), or
+    stop() wins and nothing follows; never an event or a read thread after stop() returned."""
+    from electfsm.errors import EtcdUnavailable
+    from electfsm.sources import observe
+
+    events: list[Event] = []
+    client = EtcdClient([etcd.endpoint], timeout=2)
+    observer = Observer(client, election, events.append, backoff_max=2.0)
+    try:
+        observer.start()
+        deadline = time.monotonic() + 5
+        while observer._watch is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        view = observer._view
+        assert view is not None, "precondition: observing"
+        info = observe.log.info
+        reporting = threading.Event()
+
+        def slow_info(*args: object) -> None:  # widens the window inside the failure report
+            reporting.set()
+            time.sleep(0.3)
+            info(*args)
+
+        monkeypatch.setattr(observe.log, "info", slow_info)
+        reader = threading.Thread(target=observer._on_error,
+                                  args=(view, EtcdUnavailable("stream broke")))
+        reader.start()
+        assert reporting.wait(5)
+        observer.stop(5)
+        after = len(events)
+        reader.join(5)
+        time.sleep(0.2)
+        assert events[after:] == [], "an event after stop() returned"
+        assert not reads_threads(), "a read thread outlived stop()"
+    finally:
+        observer.stop(5)
+        client.close()
+
+
+def test_stopping_one_observer_does_not_wait_for_another_ones_reads(
+        make_etcd: Callable[..., LocalEtcd]) -> None:
+    """Observers of one connection share its read thread. In an outage it keeps busy with the
+    other observer's reads (each fails and is due again): stopping this one drops only its
+    own reads and does not wait for the thread."""
+    server = make_etcd()
+    with FaultProxy(server.endpoint) as proxy:
+        client = EtcdClient([proxy.endpoint], timeout=1)
+        events: queue.Queue[Event] = queue.Queue()
+        one = Observer(client, "one", events.put, backoff_max=0.2)
+        other = Observer(client, "other", events.put, backoff_max=0.2)
+        try:
+            one.start()
+            other.start()
+            assert next_leader(events) and next_leader(events)
+            proxy.blackhole()
+            client.close()  # a fresh channel through the dark proxy: every read times out
+            client = EtcdClient([proxy.endpoint], timeout=1)
+            one._client = other._client = client
+            one.resync()
+            other.resync()
+            time.sleep(1.5)  # both are failing and retrying now
+            took = time.monotonic()
+            one.stop(10)
+            took = time.monotonic() - took
+            assert took < 1.5, f"stop() waited {took:.1f}s for the shared read thread"
+        finally:
+            one.stop(5)
+            other.stop(5)
+            client.close()

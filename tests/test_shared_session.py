@@ -188,3 +188,39 @@ def test_terms_on_a_shared_session_carry_the_sessions_lease(etcd: LocalEtcd,
         e.start()
         assert e.wait_for("leader", timeout=10)
         assert seen[0].lease == session.lease and e.ttl == session.ttl
+
+
+def test_two_electors_of_one_election_on_one_session_are_refused(
+        etcd: LocalEtcd, election: str) -> None:
+    """Both would campaign with the key <election>/<lease>: one key, two "leaders" on the
+    same token. The second is refused; once the first is stopped, another may join."""
+    from electfsm import ConfigError
+
+    with Session(endpoints=[etcd.endpoint], ttl=5) as session:
+        first = Elector(session=session, election=election, identity="a").start()
+        with pytest.raises(ConfigError, match="already has an elector of election"):
+            Elector(session=session, election=election, identity="b")
+        assert first.wait_for("leader", timeout=10)
+        first.stop()
+        again = Elector(session=session, election=election, identity="b").start()
+        assert again.wait_for("leader", timeout=10)
+
+
+def test_stop_without_revoke_on_a_shared_session_still_releases_the_election(
+        etcd: LocalEtcd, election: str, raw: EtcdClient) -> None:
+    """The session's lease lives on for its other electors: a key left on it would hold the
+    election forever with nobody leading. stop(revoke=False) of one elector deletes its key;
+    the other candidate leads at once, not never."""
+    b = Elector(endpoints=[etcd.endpoint], election=election, identity="b", ttl=5)
+    with Session(endpoints=[etcd.endpoint], ttl=5) as session:
+        other = Elector(session=session, election=election + "-other", identity="a").start()
+        a = Elector(session=session, election=election, identity="a").start()
+        try:
+            assert a.wait_for("leader", timeout=10)
+            b.start()
+            assert b.wait_for("follower", timeout=10)
+            a.stop(revoke=False)
+            assert b.wait_for("leader", timeout=3), "the stopped elector's key still holds it"
+            assert other.is_leader, "the session's other election goes on"
+        finally:
+            b.stop()

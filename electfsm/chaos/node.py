@@ -139,14 +139,18 @@ class Candidate:
         client.txn = txn  # type: ignore[method-assign]
 
     def _deafen(self) -> None:
-        """Mutation L2: the elector hears who leads once, then nothing more."""
+        """Mutation L2: the elector hears who leads once, then nothing more of the others
+        (views showing its own key first still pass: the stream is how a follower is
+        elected, so without them it could never lead)."""
         sub = self.elector._observer
         emit = sub._emit
         heard: list[bool] = []
+        dispatcher = self.elector._dispatcher
 
         def filtered(event: Event) -> None:
             if isinstance(event, LeaderSeen):
-                if heard:
+                ours = event.leader is not None and event.leader.key == dispatcher.our_key
+                if heard and not ours:
                     return
                 if event.leader is not None:
                     heard.append(True)

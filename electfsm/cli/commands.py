@@ -159,6 +159,7 @@ def cmd_observe(args: argparse.Namespace) -> int:
     out = _stdout()
     seen_any = False
     last_error = ""
+    printed: object = stop  # the leader printed last (none yet)
     with _Signals(lambda: events.put(stop)):
         observer.start()
         try:
@@ -180,6 +181,9 @@ def cmd_observe(args: argparse.Namespace) -> int:
                         log.warning("observing %s again", args.election)
                         last_error = ""
                     seen_any = True
+                    if event.leader == printed:
+                        continue  # a report with the same leader (another candidate left)
+                    printed = event.leader
                     data = (_leader_json(event.leader, event.revision).encode() + b"\n"
                             if args.json else _leader_text(event.leader))
                     _write(out, data)

@@ -27,7 +27,7 @@ from typing import Any
 
 from etcd3 import etcdrpc
 
-from electfsm import logs
+from electfsm import clock, logs
 from electfsm.backoff import Backoff
 from electfsm.config import ElectorConfig
 from electfsm.errors import EtcdError, LeaseNotFound
@@ -157,8 +157,12 @@ class Campaign:
                     with self._cond:
                         if self._resign == resign:
                             self._resign = None
-                        if others and not self._cancelled and not self._want:
-                            self._cond.wait(RESIGN_PAUSE)  # a command cuts it short
+                        # The whole pause, whatever else is asked meanwhile (the stream
+                        # reports our own delete, and a recampaign follows it); only a
+                        # cancel cuts it short.
+                        end = clock.now() + (RESIGN_PAUSE if others else 0.0)
+                        while not self._cancelled and (left := end - clock.now()) > 0:
+                            self._cond.wait(left)
                         if self._cancelled:
                             return
                 self._campaign()

@@ -128,8 +128,7 @@ class Observer:
             if self._stopping:
                 return
             self._view = view
-            # Every read but the first follows a gap, in which keys may have gone unseen.
-            self._report(view, revision, force=False, resynced=self._reported)
+            self._report(view, revision, force=False, read=True)
         watch = self._client.watch(self._prefix, self._end, start_revision=revision + 1,
                                    on_event=functools.partial(self._on_event, view),
                                    on_error=functools.partial(self._on_error, view))
@@ -141,19 +140,20 @@ class Observer:
             watch.cancel()
 
     def _failed(self, exc: Exception) -> None:
-        if self._stopping:
-            return
-        if isinstance(exc, WatchCompacted):
-            log.info("%s: %s; reading again", self._election, exc)
-            _reads(self._client).schedule(0.0, self._read)
-            return
-        if not isinstance(exc, EtcdError):
-            log.error("%s: observe raised unexpectedly", self._election, exc_info=exc)
-        if str(exc) != self._last_error:  # report each new problem once, not every retry
-            log.info("%s: observe failed, retrying: %s", self._election, exc)
-            self._emit(ErrorReported(error=exc, where="observe"))
-            self._last_error = str(exc)
-        _reads(self._client).schedule(self._backoff.next(), self._read)
+        with self._lock:  # stop() either sees this read scheduled (and drops it) or wins
+            if self._stopping:
+                return
+            if isinstance(exc, WatchCompacted):
+                log.info("%s: %s; reading again", self._election, exc)
+                _reads(self._client).schedule(0.0, self._read)
+                return
+            if not isinstance(exc, EtcdError):
+                log.error("%s: observe raised unexpectedly", self._election, exc_info=exc)
+            if str(exc) != self._last_error:  # report each new problem once, not every retry
+                log.info("%s: observe failed, retrying: %s", self._election, exc)
+                self._emit(ErrorReported(error=exc, where="observe"))
+                self._last_error = str(exc)
+            _reads(self._client).schedule(self._backoff.next(), self._read)
 
     # ------------------------------------------------------------------ on the watch reader
     def _on_error(self, view: _View, exc: EtcdError) -> None:
@@ -200,23 +200,25 @@ class Observer:
             # sends a backlog, the header's revision is ahead of the events it carries.
             self._report(view, int(wresp.events[-1].kv.mod_revision), force=touched)
 
-    def _report(self, view: _View, revision: int, *, force: bool,
-                resynced: bool = False) -> None:
+    def _report(self, view: _View, revision: int, *, force: bool, read: bool = False) -> None:
         """Tell the dispatcher who leads (with the lock held). Skipped only when the leader
         is the one reported last in every field (key, create revision, lease, value), no
         event touched its key (or the last reported one's) and no candidate was deleted:
         every put or delete of the leader's key is reported, so is every candidate's delete
         (a follower whose key went must campaign again), and so is a new incarnation of the
         same key that a read after a gap finds (the leader resigned and won again alone
-        while the stream was down)."""
+        while the stream was down). A read's view is always reported, with every key it found
+        (a waiting candidate whose key is not among them campaigns again)."""
         first = view.first
         leader = None if first is None else leader_of({first: view.candidates[first]})
         deleted, view.deleted = view.deleted, []
-        if self._reported and leader == self._last and not (force or deleted or resynced):
+        if self._reported and leader == self._last and not (force or deleted or read):
             return
         self._last, self._last_key, self._reported = leader, first, True
+        present = (frozenset(k.decode("utf-8", "backslashreplace") for k in view.candidates)
+                   if read else None)
         self._emit(LeaderSeen(
-            leader=leader, revision=revision, resynced=resynced,
+            leader=leader, revision=revision, present=present,
             deleted=tuple(k.decode("utf-8", "backslashreplace") for k in deleted)))
 
 
@@ -229,25 +231,35 @@ class _Reads:
         self._due: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
+        self._reading = False  # the thread is running a read (not waiting for one)
 
     def schedule(self, delay: float, read: Callable[[], None]) -> None:
         with self._cond:
-            heapq.heappush(self._due, (clock.now() + delay, next(self._order), read))
+            entry = (clock.now() + delay, next(self._order), read)
+            heapq.heappush(self._due, entry)
             self._cond.notify()
             if self._thread is not None:
                 return
+            # Started under the lock: nobody sees a thread that is not running yet.
             thread = self._thread = threading.Thread(target=self._run, daemon=True,
                                                      name="electfsm-observe-reads")
-        thread.start()
+            try:
+                thread.start()
+            except BaseException:
+                self._thread = None
+                self._due.remove(entry)
+                heapq.heapify(self._due)
+                raise
 
     def drop(self, observer: Observer) -> threading.Thread | None:
-        """Forget the reads due for ``observer``; returns the thread if none is left due
-        (it ends once it sees that)."""
+        """Forget the reads due for ``observer``. Returns the thread when it has nothing
+        left to do (it ends at once), so the caller may wait for it; None when it serves
+        other observers still, or is gone."""
         with self._cond:
             self._due = [d for d in self._due if getattr(d[2], "__self__", None) is not observer]
             heapq.heapify(self._due)
             self._cond.notify()
-            return self._thread if not self._due else None
+            return self._thread if not self._due and not self._reading else None
 
     def _run(self) -> None:
         while True:
@@ -259,12 +271,16 @@ class _Reads:
                     wait = self._due[0][0] - clock.now()
                     if wait <= 0:
                         read = heapq.heappop(self._due)[2]
+                        self._reading = True
                         break
                     self._cond.wait(wait)
             try:
                 read()
             except Exception:  # a read reports its own failures; this is a bug of ours
                 log.exception("observe: a read failed unexpectedly")
+            finally:
+                with self._cond:
+                    self._reading = False
 
 
 _READS: weakref.WeakKeyDictionary[EtcdClient, _Reads] = weakref.WeakKeyDictionary()
