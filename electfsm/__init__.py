@@ -10,10 +10,10 @@
         print(elector.state, elector.leader)
 """
 
-import importlib as _importlib
 import os as _os
 from typing import TYPE_CHECKING as _TYPE_CHECKING
-from typing import Any as _Any
+
+from electfsm._lazy import exports as _exports
 
 # gRPC's C core logs every failed connection attempt (each TLS handshake retry, for one) to
 # stderr at INFO before Python sees it. electfsm reports those failures itself, through
@@ -88,18 +88,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> _Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'electfsm' has no attribute {name!r}")
-    value = getattr(_importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
+__getattr__, __dir__ = _exports(__name__, _LAZY, globals())
 
 __all__ = [
     "STATES",

@@ -4,7 +4,10 @@ test kit or the fault lab; they depend on it."""
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
+
+import pytest
 
 import electfsm
 
@@ -47,3 +50,16 @@ def test_the_rule_sees_an_outward_import(tmp_path: Path) -> None:
 def test_the_public_face() -> None:
     from electfsm import TLS, Auth, Elector, LeaderInfo, Term, ops  # noqa: F401
     from electfsm.testing import FaultProxy, Harness, LocalCluster, LocalEtcd  # noqa: F401
+
+
+@pytest.mark.parametrize("package", ["electfsm", "electfsm.testing"])
+def test_every_public_name_of_a_lazy_package_has_a_home_and_resolves(package: str) -> None:
+    """The packages import their names on first use: ``__all__`` and the table of where
+    each lives must agree, and each must be found there."""
+    module = importlib.import_module(package)
+    assert set(module._LAZY) == set(module.__all__)
+    for name in module.__all__:
+        assert getattr(module, name) is getattr(importlib.import_module(module._LAZY[name]),
+                                                name)
+    with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
+        module.nothing_here  # noqa: B018

@@ -10,9 +10,9 @@
   ``elector_factory``, ...), loaded by pytest through the ``pytest11`` entry point.
 """
 
-import importlib as _importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
-from typing import Any as _Any
+
+from electfsm._lazy import exports as _exports
 
 # Imported on first use (PEP 562): pytest imports electfsm.testing.plugin, and with it this
 # package, in every run of a project that installs electfsm.
@@ -31,17 +31,6 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> _Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'electfsm.testing' has no attribute {name!r}")
-    value = getattr(_importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
+__getattr__, __dir__ = _exports(__name__, _LAZY, globals())
 
 __all__ = ["FaultProxy", "Harness", "LocalCluster", "LocalEtcd", "VirtualClock"]
