@@ -3,12 +3,13 @@
     make timeline        (or: python bench/timeline.py [--runs 100])
 
 A diagnostic, not a figure of results.md: it wraps electfsm's internals (the etcd client's
-txn and range, the watch iterator, the dispatcher's apply) to timestamp them, which costs a
-little itself. For each in-process ``resign()`` round, from the resign txn being sent:
-the txn answered (etcd committed the delete), the successor's predecessor watch yields the
-DELETE, its confirm Range is sent and answered, the dispatcher applies Elected, and the
+txn, observe's handler of the election's watch events, the dispatcher's apply) to timestamp
+them, which costs a little itself. For each in-process ``resign()`` round, from the resign txn
+being sent: the txn answered (etcd committed the delete), the successor's observe applies the
+DELETE from the election's event stream (on the connection's watch reader), the dispatcher
+applies that view (which shows the successor's key first, so it elects), and the
 ``on_enter_leader`` hook runs. Also the cost of one quiet Range, through electfsm's client and
-through a bare gRPC stub, for comparison with the confirm Range during a handover.
+through a bare gRPC stub: the read a confirmation from the stream no longer pays.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -28,11 +29,11 @@ from etcd3.etcdrpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
 
 import electfsm.dispatcher as dispatcher_mod
 import electfsm.etcd as etcd_mod
-from electfsm.events import Elected
+import electfsm.sources.observe as observe_mod
+from electfsm.events import Elected, LeaderSeen
 from electfsm.testing.local_etcd import LocalEtcd
 
-HOPS = ("resign txn answered", "successor's watch yields the DELETE", "confirm Range sent",
-        "confirm Range answered", "dispatcher applies Elected")
+HOPS = ("resign txn answered", "observe applies the DELETE", "dispatcher applies the view")
 marks: dict[str, list[float]] = defaultdict(list)
 
 
@@ -42,8 +43,8 @@ def mark(hop: str) -> None:
 
 def instrument() -> None:
     """Wrap the hops' methods with timestamps (this process only)."""
-    txn, rng = etcd_mod.EtcdClient.txn, etcd_mod.EtcdClient.range
-    it, apply = etcd_mod.Watch.__iter__, dispatcher_mod.Dispatcher.apply
+    txn, on_event = etcd_mod.EtcdClient.txn, observe_mod.Observer._on_event
+    apply = dispatcher_mod.Dispatcher.apply
 
     def timed_txn(self: Any, *a: Any, **k: Any) -> Any:
         resign = str(k.get("what", "")).startswith("resign")
@@ -54,30 +55,20 @@ def instrument() -> None:
             mark(HOPS[0])
         return out
 
-    def timed_range(self: Any, *a: Any, **k: Any) -> Any:
-        confirm = "who is ahead" in str(k.get("what", ""))
-        if confirm:
-            mark(HOPS[2])
-        out = rng(self, *a, **k)
-        if confirm:
-            mark(HOPS[3])
-        return out
-
-    def timed_iter(self: Any) -> Iterator[Any]:
-        for resp in it(self):
-            predecessor = not self._key.endswith(b"/")  # observe watches the prefix
-            if predecessor and any(ev.type == kv_pb2.Event.DELETE for ev in resp.events):
-                mark(HOPS[1])
-            yield resp
+    def timed_on_event(self: Any, view: Any, resp: Any) -> None:
+        if any(ev.type == kv_pb2.Event.DELETE for ev in resp.events):
+            mark(HOPS[1])
+        on_event(self, view, resp)
 
     def timed_apply(self: Any, event: Any) -> Any:
-        if isinstance(event, Elected):
-            mark(HOPS[4])
+        if isinstance(event, Elected) or (
+                isinstance(event, LeaderSeen) and event.leader is not None
+                and event.leader.key == self.our_key and self.state != "leader"):
+            mark(HOPS[2])
         return apply(self, event)
 
     etcd_mod.EtcdClient.txn = timed_txn
-    etcd_mod.EtcdClient.range = timed_range
-    etcd_mod.Watch.__iter__ = timed_iter
+    observe_mod.Observer._on_event = timed_on_event
     dispatcher_mod.Dispatcher.apply = timed_apply
 
 
@@ -123,8 +114,6 @@ def main() -> int:
     for i, hop in enumerate(HOPS):
         print(f"  {hop:40s} {ms([r[i] for r in rows])}")
     print(f"  {'(hook; from resign() being called)':40s} {ms(hooks)}")
-    confirm = [r[3] - r[2] for r in rows]
-    print(f"confirm Range during the handover          {ms(confirm)}")
     print(f"quiet Range, electfsm's client             {ms(ours)}")
     print(f"quiet Range, bare gRPC stub                {ms(bare)}")
     return 0
