@@ -558,6 +558,7 @@ def test_a_follower_whose_key_is_deleted_unseen_campaigns_again_and_leads_on_a_n
         gate.open.set()
         assert b.wait_for("leader", timeout=slack(10)), "B never led on a new key"
         [entry] = terms.of("node-b")
+        history.settle(entry.revision)  # its watch may trail B's read
         assert entry.token == history.created(b_key, after=old_token), entry
         time.sleep(slack(0.3))
         assert terms.of("node-b") == [entry]
