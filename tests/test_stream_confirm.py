@@ -315,10 +315,10 @@ def test_after_a_compacted_stream_gap_the_successor_leads_once_from_observes_rea
             proxy.blackhole()  # B's stream hears nothing more (the proxy's bytes are dropped)
             for i in range(20):  # revisions B's stream misses (in the prefix, not candidates)
                 client.put(history.prefix + f"noise/{i}".encode(), b"x" * 100)
-            a.resign()
-            history.settle(0)
-            deleted = history.deleted(a_key, terms.of("node-a")[0].token)
-            assert deleted is not None
+            a.resign()  # returns once applied; A's campaign deletes the key just after
+            a_token = terms.of("node-a")[0].token
+            poll(lambda: history.deleted(a_key, a_token) is not None, 10,
+                 "A's key deleted by its resign")
             poll(lambda: len(candidates(client, election)) == 2, 10, "A queued again behind B")
             assert not b.wait_for("leader", timeout=slack(0.5)), (
                 "B led with no view showing it first")
