@@ -253,3 +253,46 @@ async def test_a_blackholed_leaders_body_is_cancelled_before_another_candidate_l
         successor.stop()
         proxy.stop()
     assert marks["a cancelled"] < marks["b leads"]
+
+
+async def test_on_leader_change_naming_us_is_not_run_once_the_term_ended_on_a_blocked_loop(
+        make_etcd: Callable[..., LocalEtcd], election: str) -> None:
+    """The core names us in on_leader_change while the term lives and posts it to the loop.
+    If the loop is blocked until that term is over, the async hook must not run for it: it
+    would say we lead after we stopped."""
+    server = make_etcd()
+    a = AsyncElector(endpoints=[server.endpoint], election=election, identity="node-a", ttl=2,
+                     call_timeout=0.5)
+    named_us: list[int] = []
+
+    @a.on_leader_change
+    async def changed(old: LeaderInfo | None, new: LeaderInfo | None) -> None:
+        if new is not None and new.identity == "node-a":
+            named_us.append(new.create_revision)
+
+    dead: list[Term] = []
+
+    def kill_the_term() -> None:  # off the loop: wait for the term, then let it die
+        deadline = time.monotonic() + 10
+        while a.elector.term is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        term = a.elector.term
+        if term is None:
+            return
+        dead.append(term)
+        server.pause()
+        term.cancelled.wait(10)
+
+    async with a:
+        killer = threading.Thread(target=kill_the_term)
+        killer.start()
+        try:
+            killer.join(15)  # blocks the loop: the leader_change post waits behind this
+        finally:
+            server.resume()
+        assert dead and not dead[0].valid, "precondition: the term ended while the loop waited"
+        await a._flush()
+        assert dead[0].token not in named_us, "on_leader_change named us for a dead term"
+        await until(lambda: a.is_leader, 15)  # after the pause a new term begins
+        await a._flush()
+        assert named_us and all(t != dead[0].token for t in named_us), named_us

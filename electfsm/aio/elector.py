@@ -72,7 +72,8 @@ class AsyncElector:
         self._leader_feeds: list[deque[LeaderInfo | None]] = []
         self._term_feeds: list[deque[Term]] = []
         self._entered: set[int] = set()  # terms whose async on_enter_leader hooks ran
-        self._hook_queue: deque[tuple[str, tuple[Any, ...]]] = deque()
+        #: (hook name, its arguments, the term an on_leader_change naming us belongs to)
+        self._hook_queue: deque[tuple[str, tuple[Any, ...], Term | None]] = deque()
         self._task_group: anyio.abc.TaskGroup | None = None
         self._closed = False
         self._elector.run_while_leader(self._term_bridge)
@@ -80,7 +81,7 @@ class AsyncElector:
             for kind in ("enter", "exit"):
                 register = getattr(self._elector, f"on_{kind}_{state}")
                 register(self._forward(f"{kind}_{state}"))
-        self._elector.on_leader_change(self._forward("leader_change"))
+        self._elector.on_leader_change(self._forward_leader_change)
         self._elector.on_error(self._forward("error"))
 
     def __repr__(self) -> str:
@@ -279,6 +280,16 @@ class AsyncElector:
                 post(functools.partial(self._on_loop_hook, name, args))
         return hook
 
+    def _forward_leader_change(self, old: LeaderInfo | None, new: LeaderInfo | None) -> None:
+        """Like :meth:`_forward`, noting the term when the change names us: the loop may get
+        to it only after that term ended, and then it must not say we lead."""
+        post = self._post
+        if post is None:
+            return
+        term = self._elector.term  # on the dispatcher thread: the term this change is about
+        ours = term if new is not None and term is not None and new.key == term.key else None
+        post(functools.partial(self._on_loop_hook, "leader_change", (old, new), ours))
+
     def _term_bridge(self, term: Term) -> None:
         """The core's run_while_leader work for each term (a core worker thread): tell the
         loop the term began; when it ends, tell the loop and wait for its bodies to exit, so
@@ -334,11 +345,11 @@ class AsyncElector:
                     return term, bodies
             await self._changed()
 
-    def _on_loop_hook(self, name: str, args: tuple[Any, ...]) -> None:
-        if name == "leader_change":
+    def _on_loop_hook(self, name: str, args: tuple[Any, ...], term: Term | None = None) -> None:
+        if name == "leader_change" and (term is None or term.valid):
             for feed in self._leader_feeds:
                 feed.append(args[1])
-        self._hook_queue.append((name, args))
+        self._hook_queue.append((name, args, term))
         self._notify()
 
     async def _flush(self) -> None:
@@ -357,7 +368,13 @@ class AsyncElector:
 
     async def _drain_hooks(self) -> None:
         while self._hook_queue:
-            name, args = self._hook_queue.popleft()
+            name, args, term = self._hook_queue.popleft()
+            if term is not None and not term.valid:
+                # names us for a term that ended before the loop got to it (a blocked loop)
+                log.warning("%s: on_leader_change naming us for term %d not run: the term "
+                            "ended before the loop got to it", self._elector.config.election,
+                            term.token)
+                continue
             if name == "enter_leader":
                 if not args[0].valid:  # ended before the loop got to it: not begun here
                     continue
