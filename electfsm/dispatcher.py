@@ -261,9 +261,9 @@ class Dispatcher:
                 who = event.leader.identity if event.leader else "nobody"
                 self._depose(f"at revision {event.revision} {who} leads, not us")
             return
-        leader = event.leader
+        leader, our_key = event.leader, self.our_key
         if (leader is not None and self.generation is not None
-                and self.state in ("candidate", "follower") and leader.key == self.our_key
+                and self.state in ("candidate", "follower") and leader.key == our_key
                 and leader.lease == self.lease):
             # etcd's ordered event stream of the election shows our key (our lease: this
             # session's) first once the event at this revision is applied: the same fact a
@@ -274,7 +274,6 @@ class Dispatcher:
                                   revision=event.revision), by="the election's event stream")
             if self.term is not None:  # elected (else: too late, or a newer view; go on)
                 return
-        our_key = self.our_key
         if (self.generation is not None and self.state in ("candidate", "follower")
                 and our_key is not None and (our_key in event.deleted or (
                     event.present is not None and our_key not in event.present))):
