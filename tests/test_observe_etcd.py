@@ -402,3 +402,36 @@ def test_stopping_one_observer_does_not_wait_for_another_ones_reads(
             one.stop(5)
             other.stop(5)
             client.close()
+
+
+def test_stop_while_the_read_thread_is_being_started_still_closes_the_connection(
+        etcd: LocalEtcd, election: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watch stream fails and observe schedules a read, whose thread is slow to start (a
+    preempted watch reader on a busy host); stop() comes meanwhile. It must not find a thread
+    that is not running yet (joining one raises, and the elector's teardown would end
+    before it closed its connection)."""
+    from electfsm import Elector
+
+    start = threading.Thread.start
+    armed = threading.Event()
+
+    def slow_start(self: threading.Thread) -> None:
+        if self.name == "electfsm-observe-reads" and armed.is_set():
+            time.sleep(0.5)
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", slow_start)
+    e = Elector(endpoints=[etcd.endpoint], election=election, identity="a", ttl=3).start()
+    try:
+        assert e.wait_for("leader", timeout=10)
+        stream = e._client._watches
+        assert stream is not None, "precondition: observe watches on the connection's stream"
+        armed.set()
+        failing = threading.Thread(target=stream._end, args=(EtcdUnavailable("injected"),))
+        failing.start()
+        time.sleep(0.1)  # the read's thread is being started now
+        e.stop(timeout=5)
+        failing.join(5)
+        assert e._client._closed, "the elector's teardown ended before closing its connection"
+    finally:
+        e.stop()
